@@ -1,0 +1,92 @@
+"""Fixes for Hugging Face Flax models (transformers 4.57) on current JAX, applied once.
+
+Two known defects (see STACK.md) are fixed here and nowhere else:
+
+* FlaxT5 / FlaxLongT5 call ``jnp.clip(x, a_min=..., a_max=...)``; JAX >= 0.10 removed those
+  keywords. We give those two modules a ``jnp`` whose ``clip`` maps them to ``min``/``max``.
+  Global ``jax.numpy`` is not touched.
+* FlaxLlama / FlaxMistral / FlaxGemma hard-code the rotary base 10000 and ignore
+  ``config.rope_theta`` (SmolLM2 uses 100000). Their rotary embedding ``setup`` is replaced by one
+  that honours ``rope_theta``. Rope scaling variants are not implemented and raise.
+
+Example:
+    >>> from lora_one_jax.compat import patch_transformers
+    >>> patch_transformers()  # idempotent; lora_one_jax calls it on import
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import jax.numpy as jnp
+import numpy as np
+
+_PATCHED = False
+
+
+def _clip(a, a_min=None, a_max=None, *, min=None, max=None, **kwargs):  # noqa: A002
+    lo = min if min is not None else a_min
+    hi = max if max is not None else a_max
+    return jnp.clip(a, lo, hi, **kwargs)
+
+
+class _JnpWithOldClip(types.ModuleType):
+    """``jax.numpy`` proxy whose ``clip`` still accepts ``a_min``/``a_max``."""
+
+    def __init__(self):
+        super().__init__("jax.numpy")
+
+    def __getattr__(self, name):
+        return _clip if name == "clip" else getattr(jnp, name)
+
+
+def rotary_sincos(num_pos: int, dim: int, theta: float) -> jnp.ndarray:
+    """The (num_pos, 1, 2*dim) sin/cos table HF Flax Llama uses, with rotary base ``theta``.
+
+    Example:
+        >>> rotary_sincos(4, 8, 10000.0).shape
+        (4, 1, 16)
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2)[: dim // 2] / dim))
+    freqs = np.einsum("i,j->ij", np.arange(num_pos), inv_freq).astype("float32")
+    emb = np.concatenate((freqs, freqs), axis=-1)
+    return jnp.array(np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1))
+
+
+def _rotary_setup(head_dim_of):
+    def setup(self):
+        scaling = getattr(self.config, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise NotImplementedError(
+                f"rope_scaling={scaling!r} is not supported by the Flax {type(self).__name__}; "
+                "only plain rotary embeddings (rope_scaling=None) give correct logits here."
+            )
+        theta = float(getattr(self.config, "rope_theta", 10000.0) or 10000.0)
+        self.sincos = rotary_sincos(self.config.max_position_embeddings, head_dim_of(self.config), theta)
+
+    return setup
+
+
+def patch_transformers() -> None:
+    """Apply the T5 ``clip`` fix and the ``rope_theta`` fix to transformers' Flax models, once."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    proxy = _JnpWithOldClip()
+    for name in ("transformers.models.t5.modeling_flax_t5", "transformers.models.longt5.modeling_flax_longt5"):
+        importlib.import_module(name).jnp = proxy
+    hidden_over_heads = lambda c: c.hidden_size // c.num_attention_heads  # noqa: E731
+    rotary = {
+        "llama": ("FlaxLlamaRotaryEmbedding", hidden_over_heads),
+        "mistral": ("FlaxMistralRotaryEmbedding", hidden_over_heads),
+        "gemma": ("FlaxGemmaRotaryEmbedding", lambda c: c.head_dim),
+    }
+    for family, (cls_name, head_dim_of) in rotary.items():
+        module = importlib.import_module(f"transformers.models.{family}.modeling_flax_{family}")
+        getattr(module, cls_name).setup = _rotary_setup(head_dim_of)
+    _PATCHED = True

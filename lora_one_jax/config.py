@@ -1,0 +1,237 @@
+"""LoRA configuration and target matching.
+
+A *module path* is the '/'-joined path of a module in the params tree, e.g.
+``model/layers/0/self_attn/q_proj``; a module is a *linear* candidate when it owns a 2-D ``kernel``.
+
+Example:
+    >>> import numpy as np
+    >>> params = {"layer": {"q_proj": {"kernel": np.zeros((8, 4))}}}
+    >>> cfg = LoraConfig(rank=2, alpha=4.0, targets=["q_proj"])
+    >>> find_targets(params, cfg)["layer/q_proj"].scale
+    2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+# Output heads that "all-linear" leaves alone, as PEFT does (it drops the model's output layer).
+OUTPUT_HEADS = ("lm_head", "cls/predictions/decoder", "classifier", "score", "qa_outputs")
+
+Pattern = str | tuple[str, ...]
+
+
+def _as_pattern(value: Any, field: str) -> Pattern:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(f"LoraConfig.{field} must be a regex string or a list of module names, got {value!r}")
+
+
+def matches(pattern: Pattern, path: str) -> bool:
+    """Whether ``path`` is selected by ``pattern``.
+
+    A string is a regular expression matched against the whole path (as PEFT does); a list/tuple
+    holds module names, each matching a path equal to it or ending in ``'/' + name``.
+
+    Example:
+        >>> matches(["q_proj"], "model/layers/0/self_attn/q_proj")
+        True
+        >>> matches(r".*layers/1/.*", "model/layers/0/self_attn/q_proj")
+        False
+    """
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    return any(path == name or path.endswith("/" + name) for name in pattern)
+
+
+def _pattern_value(table: tuple[tuple[str, Any], ...], path: str, default):
+    for key, value in table:
+        if re.fullmatch(rf"(?:.*/)?(?:{key})", path):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Attributes:
+        rank: adapter rank r.
+        alpha: scale numerator; the adapter adds ``scale * x @ A @ B`` with ``scale = alpha / r``
+            (``alpha / sqrt(r)`` when ``rslora``).
+        rslora: use rank-stabilised scaling.
+        dropout: dropout rate on the adapter input (active only when ``with_lora``'s apply gets a
+            ``dropout_rng``).
+        targets: ``"all-linear"`` (every 2-D dense kernel except embeddings and output heads),
+            a regex over module paths, or a list of module names.
+        exclude: paths to leave alone, same forms as ``targets`` (``None`` for none).
+        rank_pattern / alpha_pattern: ``{regex: value}`` overrides per module; a key matches a path
+            that ends with it (``"q_proj"`` or ``"layers/0/.*"``). First match wins.
+        transposed_kernels: modules whose kernel is stored (d_out, d_in), e.g. GPT-2's ``FlaxConv1D``
+            (``["c_attn", "c_proj", "c_fc"]``). Same forms as ``targets``.
+        dtype: adapter dtype name.
+
+    Example:
+        >>> LoraConfig(rank=8, alpha=16.0, targets=["q_proj", "v_proj"]).scale_for("a/q_proj")
+        2.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    targets: Pattern = "all-linear"
+    exclude: Pattern | None = None
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    transposed_kernels: Pattern = ()
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("targets", _as_pattern(self.targets, "targets"))
+        if self.exclude is not None:
+            set_("exclude", _as_pattern(self.exclude, "exclude"))
+        set_("transposed_kernels", _as_pattern(self.transposed_kernels, "transposed_kernels"))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            set_(name, tuple(dict(value).items()) if isinstance(value, Mapping) else tuple(map(tuple, value)))
+        for key, rank in (("rank", self.rank),) + tuple((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern):
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise ValueError(f"LoraConfig.{key} must be a positive integer, got {rank!r}")
+        for key, alpha in (("alpha", self.alpha),) + tuple((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern):
+            if not isinstance(alpha, (int, float)) or not alpha > 0:
+                raise ValueError(f"LoraConfig.{key} must be > 0, got {alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError as e:
+            raise ValueError(f"LoraConfig.dtype {self.dtype!r} is not a dtype name (try 'float32' or 'bfloat16')") from e
+        for pattern in (self.targets, self.exclude, self.transposed_kernels, *(k for k, _ in self.rank_pattern + self.alpha_pattern)):
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig pattern {pattern!r} is not a valid regex: {e}") from e
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "LoraConfig":
+        """Build from a plain dict (e.g. a YAML section), rejecting unknown keys.
+
+        Example:
+            >>> LoraConfig.from_dict({"rank": 4, "targets": ["q_proj"]}).rank
+            4
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LoraConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python form (lists and dicts), inverse of ``from_dict``."""
+        out = dataclasses.asdict(self)
+        for name in ("targets", "exclude", "transposed_kernels"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        out["rank_pattern"] = dict(self.rank_pattern)
+        out["alpha_pattern"] = dict(self.alpha_pattern)
+        return out
+
+    def rank_for(self, path: str) -> int:
+        """Adapter rank of the module at ``path``."""
+        return _pattern_value(self.rank_pattern, path, self.rank)
+
+    def scale_for(self, path: str, rank: int | None = None) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)``) for the module at ``path``."""
+        rank = self.rank_for(path) if rank is None else rank
+        alpha = _pattern_value(self.alpha_pattern, path, self.alpha)
+        return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+
+
+class Target(NamedTuple):
+    """A targeted module: its kernel's logical shape (d_in, d_out), rank, scale and layout."""
+
+    d_in: int
+    d_out: int
+    rank: int
+    scale: float
+    transposed: bool  # kernel stored as (d_out, d_in)
+
+
+def linear_kernels(params) -> dict[str, tuple[int, ...]]:
+    """``{module_path: kernel shape}`` for every module in ``params`` that owns a ``kernel``.
+
+    Example:
+        >>> linear_kernels({"mlp": {"fc": {"kernel": np.zeros((3, 5)), "bias": np.zeros(5)}}})
+        {'mlp/fc': (3, 5)}
+    """
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {k[: -len("kernel")].rstrip("/"): tuple(v.shape) for k, v in flat.items() if k.split("/")[-1] == "kernel"}
+
+
+def _is_output_head(path: str) -> bool:
+    return any(path == head or path.endswith("/" + head) for head in OUTPUT_HEADS)
+
+
+def find_targets(params, config: LoraConfig) -> dict[str, Target]:
+    """The modules of ``params`` that ``config`` adapts, sorted by path, validated.
+
+    Raises ``ValueError`` naming the problem and what exists when a pattern matches nothing or a
+    rank does not fit a kernel.
+
+    Example:
+        >>> p = {"fc": {"kernel": np.zeros((6, 4))}, "lm_head": {"kernel": np.zeros((4, 9))}}
+        >>> list(find_targets(p, LoraConfig(rank=2)))
+        ['fc']
+    """
+    kernels = linear_kernels(params)
+    if not kernels:
+        raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")
+    two_d = {p: s for p, s in kernels.items() if len(s) == 2}
+    available = ", ".join(sorted(two_d)[:40]) + (" ..." if len(two_d) > 40 else "")
+    if config.targets == "all-linear":
+        chosen = [p for p in two_d if not _is_output_head(p)]
+    else:
+        chosen = [p for p in kernels if matches(config.targets, p)]
+        if not chosen:
+            hint = (
+                " (a string is a regex matched against the whole path; pass a list like ['q_proj'] "
+                "to match module names)" if isinstance(config.targets, str) else ""
+            )
+            raise ValueError(f"target pattern {config.targets!r} matched no kernel{hint}; available: {available}")
+        bad = [p for p in chosen if len(kernels[p]) != 2]
+        if bad:
+            raise ValueError(f"targets {bad} have kernels of shape {[kernels[p] for p in bad]}; only 2-D kernels can be adapted")
+    if config.exclude is not None:
+        chosen = [p for p in chosen if not matches(config.exclude, p)]
+        if not chosen:
+            raise ValueError(f"exclude pattern {config.exclude!r} removed every target; available: {available}")
+    for pattern_kind, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key, _ in table:
+            if not any(re.fullmatch(rf"(?:.*/)?(?:{key})", p) for p in chosen):
+                raise ValueError(f"{pattern_kind} key {key!r} matched no targeted module; targeted: {', '.join(sorted(chosen)[:40])}")
+    if config.transposed_kernels and not any(matches(config.transposed_kernels, p) for p in kernels):
+        raise ValueError(f"transposed_kernels {config.transposed_kernels!r} matched no kernel; available: {available}")
+    out = {}
+    for path in sorted(chosen):
+        transposed = matches(config.transposed_kernels, path) if config.transposed_kernels else False
+        rows, cols = kernels[path]
+        d_in, d_out = (cols, rows) if transposed else (rows, cols)
+        rank = config.rank_for(path)
+        if rank > min(d_in, d_out):
+            raise ValueError(
+                f"rank {rank} for {path!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its kernel "
+                f"(d_in={d_in}, d_out={d_out}); lower LoraConfig.rank or add a rank_pattern entry"
+            )
+        out[path] = Target(d_in, d_out, rank, config.scale_for(path, rank), transposed)
+    return out
