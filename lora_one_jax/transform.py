@@ -7,8 +7,8 @@ Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> model = nn.Dense(3, name="fc")
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-    >>> cfg = LoraConfig(rank=2, targets=".*")
-    >>> _, adapters = init_adapters(params, cfg, key=jax.random.key(1))
+    >>> cfg = lj.LoraConfig(rank=2, targets=".*")
+    >>> _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(1))
     >>> apply = with_lora(model, cfg)
     >>> bool(jnp.allclose(apply({"params": params}, adapters, jnp.ones((1, 4))),
     ...                   model.apply({"params": params}, jnp.ones((1, 4)))))  # B = 0
