@@ -10,6 +10,11 @@ from lora_one_jax.compat import patch_transformers
 from lora_one_jax.config import LoraConfig, Target, find_targets, linear_kernels, matches
 from lora_one_jax.adapters import init_adapters, lora_init, merge, unmerge
 from lora_one_jax.transform import lora_delta, with_lora
+from lora_one_jax.gradient import estimate_gradient
+from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
+from lora_one_jax.svd import best_rank, principal_angles, top_svd
+from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
+from lora_one_jax.diagnostics import alignment, subspace_angles
 
 patch_transformers()
 
@@ -26,4 +31,17 @@ __all__ = [
     "patch_transformers",
     "unmerge",
     "with_lora",
+    # LoRA-One core (issue 3)
+    "alignment",
+    "best_rank",
+    "estimate_gradient",
+    "lora_ga_init",
+    "lora_one",
+    "lora_one_precond",
+    "pissa_init",
+    "precondition_pair",
+    "principal_angles",
+    "spectral_init",
+    "subspace_angles",
+    "top_svd",
 ]

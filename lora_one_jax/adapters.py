@@ -17,12 +17,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from lora_one_jax.config import LoraConfig, Target, find_targets
+from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 
 Adapters = dict[str, dict[str, jax.Array]]
 
@@ -47,25 +49,89 @@ def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
     return out
 
 
+# method -> the extra keyword arguments it accepts (required ones have no default in _DEFAULTS)
+_METHODS = {
+    "lora": (),
+    "lora-one": ("grads", "gamma", "svd"),
+    "pissa": ("svd",),
+    "lora-ga": ("grads", "gamma", "svd"),
+}
+_DEFAULTS = {"lora-one": {"gamma": 128.0, "svd": "auto"}, "pissa": {"svd": "auto"}, "lora-ga": {"gamma": 16.0, "svd": "auto"}}
+
+
+def _checked_grads(grads, targets: dict[str, Target]):
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"grads must be a dict {{module_path: G (d_in, d_out)}} from estimate_gradient, got {type(grads).__name__}")
+    missing, extra = sorted(set(targets) - set(grads)), sorted(set(grads) - set(targets))
+    if missing or extra:
+        raise ValueError(
+            f"grads do not cover the targeted modules (missing {missing[:10]}, unexpected {extra[:10]}); "
+            "estimate them with estimate_gradient(loss_fn, params, batches, config) using this same config"
+        )
+    for path, t in targets.items():
+        if tuple(grads[path].shape) != (t.d_in, t.d_out):
+            raise ValueError(
+                f"grads[{path!r}] has shape {tuple(grads[path].shape)}, expected (d_in, d_out) = {(t.d_in, t.d_out)} "
+                "(Flax orientation, as estimate_gradient returns it)"
+            )
+    return {p: grads[p] for p in targets}
+
+
+def _logical_kernels(params, targets: dict[str, Target]):
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {p: (flat[_kernel_key(p)].T if t.transposed else flat[_kernel_key(p)]) for p, t in targets.items()}
+
+
 def init_adapters(params, config: LoraConfig, *, key: jax.Array, method: str = "lora", **method_kwargs):
     """Create adapters for every module ``config`` targets; returns ``(base_params, adapters)``.
 
-    ``base_params`` is ``params`` itself for methods that leave the base alone (``"lora"``) and the
-    new frozen base for methods that move part of W into the adapters.
+    Methods (one entry point, so benchmarks compare inits on the same code path):
+
+    * ``"lora"``: PEFT's default (``lora_init``): A Kaiming-uniform, B = 0. Base unchanged.
+    * ``"lora-one"``: ``spectral_init(grads, config, gamma=128.0, svd="auto")``; needs ``grads`` from
+      ``estimate_gradient``. Base unchanged.
+    * ``"pissa"``: ``pissa_init`` (top-r SVD of each kernel, ``svd="auto"``). The base becomes the
+      residual ``W - scale * A @ B``.
+    * ``"lora-ga"``: ``lora_ga_init(grads, config, gamma=16.0, svd="auto")``. The base has
+      ``scale * A @ B`` subtracted, so the merged model equals the original at step 0.
+
+    ``base_params`` is ``params`` itself for methods that leave the base alone and the new frozen base
+    otherwise. ``key`` seeds the random init (``"lora"``) or the randomized SVD sketch.
 
     Example:
         >>> params = {"fc": {"kernel": np.ones((4, 3), np.float32)}}
         >>> base, ad = init_adapters(params, LoraConfig(rank=1), key=jax.random.key(0))
         >>> base is params, sorted(ad)
         (True, ['fc'])
+        >>> base, ad = init_adapters(params, LoraConfig(rank=1), key=jax.random.key(0), method="pissa")
+        >>> float(jnp.abs(base["fc"]["kernel"]).max()) < 1e-5  # a rank-1 kernel moves entirely into A @ B
+        True
     """
+    if method not in _METHODS:
+        raise ValueError(f"unknown init method {method!r}; available: {sorted(_METHODS)}")
+    unknown = sorted(set(method_kwargs) - set(_METHODS[method]))
+    if unknown:
+        raise TypeError(f"method {method!r} does not take {unknown}; it accepts {list(_METHODS[method])}")
+    kwargs = {**_DEFAULTS.get(method, {}), **method_kwargs}
+    if "grads" in _METHODS[method] and "grads" not in kwargs:
+        raise TypeError(
+            f"method {method!r} needs grads=...: the full fine-tuning gradients from "
+            "estimate_gradient(loss_fn, params, batches, config)"
+        )
     targets = find_targets(params, config)
     dtype = jnp.dtype(config.dtype)
     if method == "lora":
-        if method_kwargs:
-            raise TypeError(f"method 'lora' takes no extra arguments, got {sorted(method_kwargs)}")
         return params, lora_init(targets, dtype, key=key)
-    raise ValueError(f"unknown init method {method!r}; available: ['lora']")
+    if method == "pissa":
+        return _with_residual(params, pissa_init(_logical_kernels(params, targets), config, key=key, **kwargs), config)
+    grads = _checked_grads(kwargs.pop("grads"), targets)
+    if method == "lora-one":
+        return params, spectral_init(grads, config, key=key, **kwargs)
+    return _with_residual(params, lora_ga_init(grads, config, key=key, **kwargs), config)  # "lora-ga"
+
+
+def _with_residual(params, adapters: Adapters, config: LoraConfig):
+    return unmerge(params, adapters, config), adapters
 
 
 def _kernel_key(path: str) -> str:

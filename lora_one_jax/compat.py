@@ -8,6 +8,8 @@ Two known defects (see STACK.md) are fixed here and nowhere else:
 * FlaxLlama / FlaxMistral / FlaxGemma hard-code the rotary base 10000 and ignore
   ``config.rope_theta`` (SmolLM2 uses 100000). Their rotary embedding ``setup`` is replaced by one
   that honours ``rope_theta``. Rope scaling variants are not implemented and raise.
+* FlaxMistral with ``sliding_window=None`` (Mistral v0.2+, many fine-tunes) builds its causal mask as
+  ``triu(causal, k=-0)``: every token attends only to itself. We rebuild the plain causal mask.
 
 Example:
     >>> from lora_one_jax.compat import patch_transformers
@@ -68,8 +70,20 @@ def _rotary_setup(head_dim_of):
     return setup
 
 
+def _mistral_attention_setup(original_setup):
+    def setup(self):
+        original_setup(self)
+        if not self.config.sliding_window:
+            from flax.linen import make_causal_mask
+
+            ones = jnp.ones((1, self.config.max_position_embeddings), dtype="bool")
+            self.causal_mask = make_causal_mask(ones, dtype="bool")
+
+    return setup
+
+
 def patch_transformers() -> None:
-    """Apply the T5 ``clip`` fix and the ``rope_theta`` fix to transformers' Flax models, once."""
+    """Apply the fixes above to transformers' Flax models, once."""
     global _PATCHED
     if _PATCHED:
         return
@@ -89,4 +103,6 @@ def patch_transformers() -> None:
     for family, (cls_name, head_dim_of) in rotary.items():
         module = importlib.import_module(f"transformers.models.{family}.modeling_flax_{family}")
         getattr(module, cls_name).setup = _rotary_setup(head_dim_of)
+    mistral = importlib.import_module("transformers.models.mistral.modeling_flax_mistral")
+    mistral.FlaxMistralAttention.setup = _mistral_attention_setup(mistral.FlaxMistralAttention.setup)
     _PATCHED = True

@@ -52,6 +52,10 @@ def matches(pattern: Pattern, path: str) -> bool:
     return any(path == name or path.endswith("/" + name) for name in pattern)
 
 
+def _show(pattern: Pattern | None):
+    return list(pattern) if isinstance(pattern, tuple) else pattern
+
+
 def _pattern_value(table: tuple[tuple[str, Any], ...], path: str, default):
     for key, value in table:
         if re.fullmatch(rf"(?:.*/)?(?:{key})", path):
@@ -198,7 +202,8 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
     if not kernels:
         raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")
     two_d = {p: s for p, s in kernels.items() if len(s) == 2}
-    available = ", ".join(sorted(two_d)[:40]) + (" ..." if len(two_d) > 40 else "")
+    names = sorted({p.rsplit("/", 1)[-1] for p in two_d})
+    available = f"module names {names}, e.g. paths {sorted(two_d)[:4]}"
     if config.targets == "all-linear":
         chosen = [p for p in two_d if not _is_output_head(p)]
     else:
@@ -208,20 +213,20 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
                 " (a string is a regex matched against the whole path; pass a list like ['q_proj'] "
                 "to match module names)" if isinstance(config.targets, str) else ""
             )
-            raise ValueError(f"target pattern {config.targets!r} matched no kernel{hint}; available: {available}")
+            raise ValueError(f"target pattern {_show(config.targets)!r} matched no kernel{hint}; available: {available}")
         bad = [p for p in chosen if len(kernels[p]) != 2]
         if bad:
             raise ValueError(f"targets {bad} have kernels of shape {[kernels[p] for p in bad]}; only 2-D kernels can be adapted")
     if config.exclude is not None:
         chosen = [p for p in chosen if not matches(config.exclude, p)]
         if not chosen:
-            raise ValueError(f"exclude pattern {config.exclude!r} removed every target; available: {available}")
+            raise ValueError(f"exclude pattern {_show(config.exclude)!r} removed every target; available: {available}")
     for pattern_kind, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key, _ in table:
             if not any(re.fullmatch(rf"(?:.*/)?(?:{key})", p) for p in chosen):
-                raise ValueError(f"{pattern_kind} key {key!r} matched no targeted module; targeted: {', '.join(sorted(chosen)[:40])}")
+                raise ValueError(f"{pattern_kind} key {key!r} matched no targeted module; targeted: {sorted(chosen)[:8]}")
     if config.transposed_kernels and not any(matches(config.transposed_kernels, p) for p in kernels):
-        raise ValueError(f"transposed_kernels {config.transposed_kernels!r} matched no kernel; available: {available}")
+        raise ValueError(f"transposed_kernels {_show(config.transposed_kernels)!r} matched no kernel; available: {available}")
     out = {}
     for path in sorted(chosen):
         transposed = matches(config.transposed_kernels, path) if config.transposed_kernels else False
