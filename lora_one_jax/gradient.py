@@ -33,7 +33,7 @@ def _kernel_key(path: str) -> str:
     return f"{path}/kernel" if path else "kernel"
 
 
-def _make_step(loss_fn: Callable, keys: dict[str, str], treedef_keys):
+def _make_step(loss_fn: Callable, keys: dict[str, str], order: list[str]):
     """One jitted step: accumulate the float32 gradient of the targeted kernels, flag non-finite ones."""
 
     def step(acc, kernels, rest, batch):
@@ -44,7 +44,7 @@ def _make_step(loss_fn: Callable, keys: dict[str, str], treedef_keys):
 
         grads = jax.grad(loss_of)(kernels)
         grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
-        finite = jnp.stack([jnp.isfinite(grads[p]).all() for p in treedef_keys])
+        finite = jnp.stack([jnp.isfinite(grads[p]).all() for p in order])
         return {p: acc[p] + grads[p] for p in acc}, finite
 
     return jax.jit(step, donate_argnums=0)

@@ -40,17 +40,17 @@ def _matrices(mats: Mapping[str, jax.Array], what: str) -> dict[str, jax.Array]:
     return out
 
 
-@partial(jax.jit, static_argnames=("rank", "method"))
-def _stacked_svd(x, key, *, rank, method):
-    x = x.astype(jnp.float32)
+@partial(jax.jit, static_argnames=("rank", "method", "negate"))
+def _stacked_svd(x, key, *, rank, method, negate=False):
+    x = -x.astype(jnp.float32) if negate else x.astype(jnp.float32)
     u, s, v = top_svd(x, rank, method=method, key=key)
     peak = jnp.max(jnp.abs(x), axis=(-2, -1))
     ok = jnp.isfinite(s).all(-1) & jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(v).all((-2, -1))
     return u, s, v, peak, ok
 
 
-def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: str, key, what: str, sign: float = 1.0):
-    """Yield ``(paths, u, s, v)`` per group of equal (shape, rank), SVD of ``sign * matrix``, checked."""
+def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: str, key, what: str, negate: bool = False):
+    """``[(paths, u, s, v)]`` per group of equal (shape, rank): the SVD of each matrix (negated if ``negate``), checked."""
     groups: dict[tuple, list[str]] = {}
     for path, m in mats.items():
         rank = ranks[path]
@@ -61,9 +61,11 @@ def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: s
             )
         groups.setdefault((tuple(m.shape), rank), []).append(path)
     key = jax.random.key(0) if key is None else key
+    results = []  # dispatch every group first (asynchronously), then check them
     for i, ((_, rank), paths) in enumerate(sorted(groups.items())):
         stack = jnp.stack([jnp.asarray(mats[p], jnp.float32) for p in paths])
-        u, s, v, peak, ok = _stacked_svd(sign * stack, jax.random.fold_in(key, i), rank=rank, method=method)
+        results.append((paths, _stacked_svd(stack, jax.random.fold_in(key, i), rank=rank, method=method, negate=negate)))
+    for paths, (u, s, v, peak, ok) in results:
         peak, ok = np.asarray(peak), np.asarray(ok)
         for j, path in enumerate(paths):
             if not np.isfinite(peak[j]):
@@ -75,7 +77,7 @@ def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: s
                 )
             if not ok[j]:
                 raise ValueError(f"SVD of the {what} of module {path!r} returned NaN/Inf; retry with svd='exact'")
-        yield paths, u, s, v
+    return [(paths, u, s, v) for paths, (u, s, v, _, _) in results]
 
 
 def _split(paths, a, b, dtype) -> Adapters:
@@ -108,7 +110,7 @@ def spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: 
     dtype = jnp.dtype(config.dtype)
     out: Adapters = {}
     for paths, u, s, v in _grouped_svd(mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key,
-                                       what="gradient", sign=-1.0):
+                                       what="gradient", negate=True):
         root = jnp.sqrt(s) / jnp.sqrt(gamma * s[:, :1])  # (k, r)
         out.update(_split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype))
     return {p: out[p] for p in mats}
