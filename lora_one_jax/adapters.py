@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lora_one_jax.config import LoraConfig, Target, find_targets
+from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 
 Adapters = dict[str, dict[str, jax.Array]]
@@ -49,14 +49,13 @@ def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
     return out
 
 
-# method -> the extra keyword arguments it accepts (required ones have no default in _DEFAULTS)
+# method -> the extra keyword arguments it accepts (defaults live in the init functions themselves)
 _METHODS = {
     "lora": (),
     "lora-one": ("grads", "gamma", "svd"),
     "pissa": ("svd",),
     "lora-ga": ("grads", "gamma", "svd"),
 }
-_DEFAULTS = {"lora-one": {"gamma": 128.0, "svd": "auto"}, "pissa": {"svd": "auto"}, "lora-ga": {"gamma": 16.0, "svd": "auto"}}
 
 
 def _checked_grads(grads, targets: dict[str, Target]):
@@ -79,7 +78,7 @@ def _checked_grads(grads, targets: dict[str, Target]):
 
 def _logical_kernels(params, targets: dict[str, Target]):
     flat = traverse_util.flatten_dict(params, sep="/")
-    return {p: (flat[_kernel_key(p)].T if t.transposed else flat[_kernel_key(p)]) for p, t in targets.items()}
+    return {p: (flat[kernel_key(p)].T if t.transposed else flat[kernel_key(p)]) for p, t in targets.items()}
 
 
 def init_adapters(params, config: LoraConfig, *, key: jax.Array, method: str = "lora", **method_kwargs):
@@ -112,7 +111,7 @@ def init_adapters(params, config: LoraConfig, *, key: jax.Array, method: str = "
     unknown = sorted(set(method_kwargs) - set(_METHODS[method]))
     if unknown:
         raise TypeError(f"method {method!r} does not take {unknown}; it accepts {list(_METHODS[method])}")
-    kwargs = {**_DEFAULTS.get(method, {}), **method_kwargs}
+    kwargs = dict(method_kwargs)
     if "grads" in _METHODS[method] and "grads" not in kwargs:
         raise TypeError(
             f"method {method!r} needs grads=...: the full fine-tuning gradients from "
@@ -134,9 +133,6 @@ def _with_residual(params, adapters: Adapters, config: LoraConfig):
     return unmerge(params, adapters, config), adapters
 
 
-def _kernel_key(path: str) -> str:
-    return f"{path}/kernel" if path else "kernel"
-
 
 def _delta(adapter, target: Target) -> jax.Array:
     d = target.scale * (adapter["a"].astype(jnp.float32) @ adapter["b"].astype(jnp.float32))
@@ -150,8 +146,8 @@ def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float):
         raise ValueError(f"adapters for {missing} match no module targeted by the config; targeted: {sorted(targets)}")
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, adapter in adapters.items():
-        w = flat[_kernel_key(path)]
-        flat[_kernel_key(path)] = (jnp.asarray(w, jnp.float32) + sign * _delta(adapter, targets[path])).astype(w.dtype)
+        w = flat[kernel_key(path)]
+        flat[kernel_key(path)] = (jnp.asarray(w, jnp.float32) + sign * _delta(adapter, targets[path])).astype(w.dtype)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

@@ -172,6 +172,16 @@ class Target(NamedTuple):
     transposed: bool  # kernel stored as (d_out, d_in)
 
 
+def kernel_key(path: str) -> str:
+    """The flattened params key of a module's kernel.
+
+    Example:
+        >>> kernel_key("model/layers/0/self_attn/q_proj"), kernel_key("")
+        ('model/layers/0/self_attn/q_proj/kernel', 'kernel')
+    """
+    return f"{path}/kernel" if path else "kernel"
+
+
 def linear_kernels(params) -> dict[str, tuple[int, ...]]:
     """``{module_path: kernel shape}`` for every module in ``params`` that owns a ``kernel``.
 

@@ -26,11 +26,8 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from lora_one_jax.config import LoraConfig, find_targets
+from lora_one_jax.config import LoraConfig, find_targets, kernel_key
 
-
-def _kernel_key(path: str) -> str:
-    return f"{path}/kernel" if path else "kernel"
 
 
 def _make_step(loss_fn: Callable, keys: dict[str, str], order: list[str]):
@@ -72,7 +69,7 @@ def estimate_gradient(loss_fn: Callable[[Any, Any], jax.Array], params, batches:
         ((3, 2), dtype('float32'))
     """
     targets = find_targets(params, config)
-    keys = {p: _kernel_key(p) for p in targets}
+    keys = {p: kernel_key(p) for p in targets}
     flat = traverse_util.flatten_dict(params, sep="/")
     kernels = {p: flat[k] for p, k in keys.items()}
     kernel_keys = set(keys.values())

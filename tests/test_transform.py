@@ -64,7 +64,7 @@ def test_gradients_reach_only_adapters_and_follow_chain_rule(name):
     targets = lj.find_targets(fam.params, cfg)
     assert set(grads) == set(adapters)
     for path, g in grads.items():
-        G = g_full[f"{path}/kernel" if path else "kernel"]
+        G = g_full[lj.config.kernel_key(path)]
         G = G.T if targets[path].transposed else G
         scale = targets[path].scale
         a, b = adapters[path]["a"], adapters[path]["b"]
@@ -81,7 +81,7 @@ def test_unmerge_inverts_merge(name):
     adapters = random_adapters(fam.params, cfg)
     merged = lj.merge(fam.params, adapters, cfg)
     changed = [k for k, v in flat(merged).items() if not np.array_equal(v, flat(fam.params)[k])]
-    assert sorted(changed) == sorted(f"{p}/kernel" if p else "kernel" for p in adapters)
+    assert sorted(changed) == sorted(lj.config.kernel_key(p) for p in adapters)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), lj.unmerge(merged, adapters, cfg), fam.params)
 
 
