@@ -3,17 +3,29 @@
 import pathlib
 import re
 
+import jax.numpy as jnp
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def run_block(index):
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[index]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
 
 
 def test_ten_line_example_runs_and_starts_at_the_base_model():
-    code = python_blocks()[0]
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    logits, model, ids = namespace["logits"], namespace["model"], namespace["ids"]
-    assert (logits == model(ids).logits).all()
-    assert set(namespace["grads"]) == set(namespace["adapters"])
+    ns = run_block(0)
+    assert (ns["logits"] == ns["model"](ns["ids"]).logits).all()
+    assert set(ns["grads"]) == set(ns["adapters"])
+
+
+def test_lora_one_recipe_runs_and_starts_aligned():
+    ns = run_block(1)
+    assert jnp.isfinite(ns["loss"])
+    assert set(ns["grads"]) == set(ns["adapters"]) and len(ns["adapters"]) == 6
+    lj, model, config = ns["lj"], ns["model"], ns["config"]
+    _, at_init = lj.init_adapters(model.params, config, key=ns["jax"].random.key(0), method="lora-one", grads=ns["grads"])
+    angles = lj.alignment(at_init, ns["grads"])
+    assert max(max(a.values()) for a in angles.values()) < 0.1
