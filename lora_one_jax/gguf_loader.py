@@ -81,8 +81,21 @@ class _Metadata:
         return value
 
 
-def gguf_tokenizer(meta: _Metadata):
-    """The tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata (byte-level BPE only)."""
+def gguf_tokenizer(source):
+    """The tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata (byte-level BPE only),
+    as a ``PreTrainedTokenizerFast``. ``source``: a path, a ``gguf.GGUFReader`` or its metadata.
+
+    Example:
+        >>> from lora_one_jax.assets import asset_path
+        >>> tok = gguf_tokenizer(asset_path("smollm2"))  # doctest: +SKIP
+        >>> tok.convert_ids_to_tokens(tok("in 2024").input_ids)  # doctest: +SKIP
+        ['in', 'Ġ', '2', '0', '2', '4']
+    """
+    if isinstance(source, (str, os.PathLike)):
+        import gguf
+
+        source = gguf.GGUFReader(os.fspath(source))
+    meta = source if isinstance(source, _Metadata) else _Metadata(source)
     kind = meta.require("tokenizer.ggml.model")
     if kind != "gpt2":
         raise NotImplementedError(

