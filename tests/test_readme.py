@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import jax.numpy as jnp
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,3 +30,14 @@ def test_lora_one_recipe_runs_and_starts_aligned():
     _, at_init = lj.init_adapters(model.params, config, key=ns["jax"].random.key(0), method="lora-one", grads=ns["grads"])
     angles = lj.alignment(at_init, ns["grads"])
     assert max(max(a.values()) for a in angles.values()) < 0.1
+
+
+@pytest.mark.slow
+def test_real_model_example_runs_on_a_slice():
+    """The SmolLM2 + BoolQ example, on 20 examples instead of 200 to keep CI short."""
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
+    assert "limit=200" in code
+    namespace = {}
+    exec(compile(code.replace("limit=200", "limit=20"), "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert re.fullmatch(r"0\.\d{3} \(\d+/20\)", str(result))
