@@ -348,7 +348,7 @@ def evaluate(model, params, adapters, task_split, config: LoraConfig | None = No
         >>> from lora_one_jax.data import load_task
         >>> model, params, tok = load_model("smollm2-135m")  # doctest: +SKIP
         >>> print(evaluate(model, params, None, load_task("boolq").eval, tokenizer=tok, limit=200))  # doctest: +SKIP
-        0.590 (118/200)
+        0.435 (87/200)
     """
     _check(adapters, config)
     ds = getattr(task_split, "eval", task_split)
