@@ -1,6 +1,6 @@
 """Quickstart: fine-tune a pretrained model with LoRA-One on a real task and measure held-out accuracy.
 
-    python -m train.quickstart                                  # SmolLM2-135M on BoolQ (CPU: ~10 min)
+    python -m train.quickstart                                  # SmolLM2-135M on BoolQ (CPU: ~20 min)
     python -m train.quickstart --model toy-llama --steps 5 --eval 20   # tiny random model, ~1 min
     python -m train.quickstart --method lora                    # the plain LoRA baseline
 
