@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 import lora_one_jax as lj
+from train.quickstart import full_loss_fn, lora_loss_fn
 
 
 def main(argv=None):
@@ -35,19 +36,8 @@ def main(argv=None):
     grad_batches = list(itertools.islice(stream, args.grad_batches))
     test_batches = list(itertools.islice(stream, args.test_batches))  # disjoint from the estimate's
 
-    def full_loss(p, batch):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], params=p).logits
-        return lj.causal_lm_loss(logits, batch)
-
-    grads = lj.estimate_gradient(full_loss, params, grad_batches, config)
-    apply = lj.with_lora(model, config)
-
-    @jax.jit
-    def lora_loss(base, adapters, batch):
-        logits = apply({"params": base}, adapters, batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-        return lj.causal_lm_loss(logits, batch)
+    grads = lj.estimate_gradient(full_loss_fn(model), params, grad_batches, config)
+    lora_loss = jax.jit(lora_loss_fn(model, config))
 
     print(f"{args.model} on {args.task}, rank {args.rank}, gradient from {args.grad_batches}x{args.batch_size} examples; "
           f"mean loss on {args.test_batches}x{args.batch_size} other training examples, before any training step:")

@@ -84,6 +84,11 @@ def _split(paths, a, b, dtype) -> Adapters:
     return {p: {"a": a[j].astype(dtype), "b": b[j].astype(dtype)} for j, p in enumerate(paths)}
 
 
+def _balanced(paths, u, v, root, dtype) -> Adapters:
+    """``A = U diag(root)``, ``B = diag(root) V^T`` for each stacked matrix (``root``: (k, r))."""
+    return _split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype)
+
+
 def spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: float = 128.0,
                   svd: str = "auto", key: jax.Array | None = None) -> Adapters:
     """LoRA-One's spectral init from full fine-tuning gradients ``{module_path: G (d_in, d_out)}``.
@@ -111,8 +116,7 @@ def spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: 
     out: Adapters = {}
     for paths, u, s, v in _grouped_svd(mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key,
                                        what="gradient", negate=True):
-        root = jnp.sqrt(s) / jnp.sqrt(gamma * s[:, :1])  # (k, r)
-        out.update(_split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype))
+        out.update(_balanced(paths, u, v, jnp.sqrt(s) / jnp.sqrt(gamma * s[:, :1]), dtype))
     return {p: out[p] for p in mats}
 
 
@@ -136,8 +140,7 @@ def pissa_init(weights: Mapping[str, jax.Array], config: LoraConfig, *, svd: str
     out: Adapters = {}
     for paths, u, s, v in _grouped_svd(mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key, what="kernel"):
         scale = jnp.asarray([config.scale_for(p) for p in paths], jnp.float32)[:, None]
-        root = jnp.sqrt(s / scale)  # (k, r)
-        out.update(_split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype))
+        out.update(_balanced(paths, u, v, jnp.sqrt(s / scale), dtype))
     return {p: out[p] for p in mats}
 
 

@@ -21,6 +21,28 @@ from tqdm.auto import tqdm
 import lora_one_jax as lj
 
 
+def full_loss_fn(model):
+    """``loss(params, batch)``: the full fine-tuning loss of a causal LM on one ``lj.batches`` batch."""
+    def loss(params, batch):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], params=params).logits
+        return lj.causal_lm_loss(logits, batch)
+
+    return loss
+
+
+def lora_loss_fn(model, config):
+    """``loss(base_params, adapters, batch)``: the same loss with the adapters added (``with_lora``)."""
+    apply = lj.with_lora(model, config)
+
+    def loss(base, adapters, batch):
+        logits = apply({"params": base}, adapters, batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+        return lj.causal_lm_loss(logits, batch)
+
+    return loss
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="load_model spec (default: %(default)s)")
@@ -59,29 +81,19 @@ def main(argv=None) -> dict:
     stream = lj.batches(task.train, tokenizer, args.batch_size, max_len=args.max_len, shuffle=True,
                         seed=args.seed, epochs=None, drop_remainder=True)  # tokenized once, endless
 
-    def full_loss(p, batch):  # the full fine-tuning loss, used for the gradient estimate
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], params=p).logits
-        return lj.causal_lm_loss(logits, batch)
-
     start = time.perf_counter()
     key = jax.random.key(args.seed)
     if args.method in ("lora-one", "lora-ga"):
-        grads = lj.estimate_gradient(full_loss, params, list(itertools.islice(stream, args.grad_batches)), config)
+        grads = lj.estimate_gradient(full_loss_fn(model), params, list(itertools.islice(stream, args.grad_batches)), config)
         base, adapters = lj.init_adapters(params, config, key=key, method=args.method, grads=grads)
     else:
         base, adapters = lj.init_adapters(params, config, key=key, method=args.method)
     optimizer = lj.lora_one(args.lr) if args.method == "lora-one" else optax.adamw(args.lr)
-    apply = lj.with_lora(model, config)
-
-    def lora_loss(adapters, batch):
-        logits = apply({"params": base}, adapters, batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-        return lj.causal_lm_loss(logits, batch)
+    lora_loss = lora_loss_fn(model, config)
 
     @jax.jit
     def train_step(adapters, opt_state, batch):
-        loss, grads = jax.value_and_grad(lora_loss)(adapters, batch)
+        loss, grads = jax.value_and_grad(lora_loss, argnums=1)(base, adapters, batch)
         updates, opt_state = optimizer.update(grads, opt_state, adapters)
         return optax.apply_updates(adapters, updates), opt_state, loss
 
