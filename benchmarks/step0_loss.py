@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 import lora_one_jax as lj
-from train.quickstart import full_loss_fn, lora_loss_fn
+from lora_one_jax.data import batches, load_task
+from lora_one_jax.models import load_model
 
 
 def main(argv=None):
@@ -28,19 +29,24 @@ def main(argv=None):
     parser.add_argument("--max-len", type=int, default=256)
     args = parser.parse_args(argv)
 
-    model, params, tok = lj.load_model(args.model)
-    task = lj.load_task(args.task)
-    config = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank,
-                           targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    stream = lj.batches(task.train, tok, args.batch_size, max_len=args.max_len, shuffle=True, drop_remainder=True)
+    model, params, tok = load_model(args.model)
+    task = load_task(args.task)
+    config = lj.LoraConfig(
+        rank=args.rank,
+        alpha=2.0 * args.rank,
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    stream = batches(task.train, tok, args.batch_size, max_len=args.max_len, shuffle=True, drop_remainder=True)
     grad_batches = list(itertools.islice(stream, args.grad_batches))
     test_batches = list(itertools.islice(stream, args.test_batches))  # disjoint from the estimate's
 
-    grads = lj.estimate_gradient(full_loss_fn(model), params, grad_batches, config)
-    lora_loss = jax.jit(lora_loss_fn(model, config))
+    grads = lj.estimate_gradient(lj.full_loss_fn(model), params, grad_batches, config)
+    lora_loss = jax.jit(lj.lora_loss_fn(model, config))
 
-    print(f"{args.model} on {args.task}, rank {args.rank}, gradient from {args.grad_batches}x{args.batch_size} examples; "
-          f"mean loss on {args.test_batches}x{args.batch_size} other training examples, before any training step:")
+    print(
+        f"{args.model} on {args.task}, rank {args.rank}, gradient from {args.grad_batches}x{args.batch_size} examples; "
+        f"mean loss on {args.test_batches}x{args.batch_size} other training examples, before any training step:"
+    )
     for method in ("lora", "lora-one", "pissa", "lora-ga"):
         extra = {"grads": grads} if method in ("lora-one", "lora-ga") else {}
         base, adapters = lj.init_adapters(params, config, key=jax.random.key(0), method=method, **extra)

@@ -1,31 +1,33 @@
 """lora-one-jax: LoRA-One fine-tuning (spectral init + preconditioned training) for Flax models.
 
+The core (this package) imports only jax, flax, optax and numpy. Models, data and evaluation live
+beside it: ``lora_one_jax.models``, ``lora_one_jax.data``, ``lora_one_jax.eval``.
+
 Example:
     >>> import lora_one_jax as lj
     >>> lj.LoraConfig(rank=8, targets=["q_proj", "v_proj"]).rank
     8
 """
 
-from lora_one_jax.compat import patch_transformers
-from lora_one_jax.config import LoraConfig, Target, find_targets, linear_kernels, matches
-from lora_one_jax.adapters import init_adapters, lora_init, merge, unmerge
-from lora_one_jax.transform import lora_delta, with_lora
+from lora_one_jax._hf import apply_hf_fixes as _apply_hf_fixes
+from lora_one_jax.adapters import check_adapters, init_adapters, lora_init, merge, unmerge
+from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
+from lora_one_jax.diagnostics import alignment, subspace_angles
 from lora_one_jax.gradient import estimate_gradient
+from lora_one_jax.losses import causal_lm_loss, full_loss_fn, lora_loss_fn, sequence_logprob, token_logprobs
+from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
-from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
-from lora_one_jax.diagnostics import alignment, subspace_angles
-from lora_one_jax.assets import fetch_asset
-from lora_one_jax.models import LoadedModel, load_model
-from lora_one_jax.data import Task, load_task
-from lora_one_jax.batching import batches, causal_lm_loss, token_logprobs
-from lora_one_jax.evaluate import EvalResult, evaluate, generate, score_choices
+from lora_one_jax.transform import lora_delta, with_lora
 
-patch_transformers()
+_apply_hf_fixes()  # only if the user already imported transformers; the core never imports it
 
 __all__ = [
+    # configuration and adapters
+    "Adapters",
     "LoraConfig",
     "Target",
+    "check_adapters",
     "find_targets",
     "init_adapters",
     "linear_kernels",
@@ -33,33 +35,26 @@ __all__ = [
     "lora_init",
     "matches",
     "merge",
-    "patch_transformers",
     "unmerge",
     "with_lora",
-    # LoRA-One core (issue 3)
-    "alignment",
-    "best_rank",
+    # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",
     "lora_ga_init",
     "lora_one",
     "lora_one_precond",
     "pissa_init",
     "precondition_pair",
-    "principal_angles",
     "spectral_init",
+    # linear algebra and diagnostics
+    "alignment",
+    "best_rank",
+    "principal_angles",
     "subspace_angles",
     "top_svd",
-    # real models, data and evaluation (issue 4)
-    "EvalResult",
-    "LoadedModel",
-    "Task",
-    "batches",
+    # losses
     "causal_lm_loss",
-    "evaluate",
-    "fetch_asset",
-    "generate",
-    "load_model",
-    "load_task",
-    "score_choices",
+    "full_loss_fn",
+    "lora_loss_fn",
+    "sequence_logprob",
     "token_logprobs",
 ]

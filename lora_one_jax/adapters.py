@@ -21,12 +21,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
-
-Adapters = dict[str, dict[str, jax.Array]]
 
 
 def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
@@ -60,7 +59,9 @@ _METHODS = {
 
 def _checked_grads(grads, targets: dict[str, Target]):
     if not isinstance(grads, Mapping):
-        raise TypeError(f"grads must be a dict {{module_path: G (d_in, d_out)}} from estimate_gradient, got {type(grads).__name__}")
+        raise TypeError(
+            f"grads must be a dict {{module_path: G (d_in, d_out)}} from estimate_gradient, got {type(grads).__name__}"
+        )
     missing, extra = sorted(set(targets) - set(grads)), sorted(set(grads) - set(targets))
     if missing or extra:
         raise ValueError(
@@ -133,6 +134,51 @@ def _with_residual(params, adapters: Adapters, config: LoraConfig):
     return unmerge(params, adapters, config), adapters
 
 
+def check_adapters(adapters: Adapters, targets: dict[str, Target]) -> Adapters:
+    """``adapters`` itself if every entry fits a targeted module; otherwise a ``ValueError`` naming the module.
+
+    Each adapter must belong to a module the config targets, hold ``"a"`` (d_in, r) and ``"b"`` (r, d_out)
+    with r the rank the config gives that module (``LoraConfig.rank`` / ``rank_pattern``). ``merge`` and
+    ``with_lora`` both check this, so an adapter is scaled the same way wherever it is used.
+
+    Example:
+        >>> targets = find_targets({"fc": {"kernel": np.zeros((4, 3))}}, LoraConfig(rank=2))
+        >>> check_adapters({"fc": {"a": np.zeros((4, 1)), "b": np.zeros((1, 3))}}, targets)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: adapter 'fc' has A of shape (4, 1) and B of shape (1, 3), but the config gives ... rank 2: ...
+    """
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"adapters must be a dict {{module_path: {{'a': A, 'b': B}}}}, got {type(adapters).__name__}")
+    stray = sorted(set(adapters) - set(targets))
+    if stray:
+        raise ValueError(
+            f"adapters for {stray[:10]} match no module targeted by the config; targeted: {sorted(targets)[:10]}"
+            f"{' ...' if len(targets) > 10 else ''} (use the LoraConfig the adapters were made with)"
+        )
+    for path, adapter in adapters.items():
+        if not isinstance(adapter, Mapping) or set(adapter) != {"a", "b"}:
+            keys = sorted(adapter) if isinstance(adapter, Mapping) else type(adapter).__name__
+            raise ValueError(f"adapter {path!r} must be a dict with exactly the keys 'a' and 'b', got {keys}")
+        t = targets[path]
+        shape_a, shape_b = tuple(np.shape(adapter["a"])), tuple(np.shape(adapter["b"]))
+        want_a, want_b = (t.d_in, t.rank), (t.rank, t.d_out)
+        if (shape_a, shape_b) != (want_a, want_b):
+            rank_hint = (
+                f"the config gives this module rank {t.rank}"
+                if len(shape_a) == 2 and len(shape_b) == 2 and shape_a[1] == shape_b[0] != t.rank
+                else f"its kernel is (d_in, d_out) = {(t.d_in, t.d_out)}"
+            )
+            fix = (
+                "load the adapters with the LoraConfig they were made with"
+                if "rank" in rank_hint
+                else "the adapters were made for another model or layout"
+            )
+            raise ValueError(
+                f"adapter {path!r} has A of shape {shape_a} and B of shape {shape_b}, but {rank_hint}: "
+                f"expected A {want_a} and B {want_b}; {fix}"
+            )
+    return adapters
+
 
 def _delta(adapter, target: Target) -> jax.Array:
     d = target.scale * (adapter["a"].astype(jnp.float32) @ adapter["b"].astype(jnp.float32))
@@ -141,9 +187,7 @@ def _delta(adapter, target: Target) -> jax.Array:
 
 def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float):
     targets = find_targets(params, config)
-    missing = sorted(set(adapters) - set(targets))
-    if missing:
-        raise ValueError(f"adapters for {missing} match no module targeted by the config; targeted: {sorted(targets)}")
+    check_adapters(adapters, targets)
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, adapter in adapters.items():
         w = flat[kernel_key(path)]

@@ -15,16 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
+
+from lora_one_jax._hf import is_hf_model
 
 # Output heads that "all-linear" leaves alone, as PEFT does (it drops the model's output layer).
 OUTPUT_HEADS = ("lm_head", "cls/predictions/decoder", "classifier", "score", "qa_outputs")
 
 Pattern = str | tuple[str, ...]
+
+#: Adapters are data: ``{module_path: {"a": A (d_in, r), "b": B (r, d_out)}}`` (the one adapter type).
+Adapters = dict[str, dict[str, jax.Array]]
 
 
 def _as_pattern(value: Any, field: str) -> Pattern:
@@ -61,6 +71,39 @@ def _pattern_value(table: tuple[tuple[str, Any], ...], path: str, default):
         if re.fullmatch(rf"(?:.*/)?(?:{key})", path):
             return value
     return default
+
+
+def _real(value: Any, field: str) -> float:
+    """A Python float from a Python or numpy real number (not a bool); a clear error otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"LoraConfig.{field} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"LoraConfig.{field} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: Any, field: str) -> float:
+    value_f = _real(value, field)
+    if not (math.isfinite(value_f) and value_f > 0):
+        raise ValueError(f"LoraConfig.{field} must be a finite number > 0, got {value!r}")
+    return value_f
+
+
+def _float_dtype_name(value: Any) -> str:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as e:
+        raise ValueError(f"LoraConfig.dtype {value!r} is not a dtype name (try 'float32' or 'bfloat16')") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"LoraConfig.dtype {value!r} is not a floating-point dtype; adapters need 'float32', "
+            "'bfloat16' or 'float16'"
+        )
+    return dtype.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,27 +143,32 @@ class LoraConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("targets", _as_pattern(self.targets, "targets"))
         if self.exclude is not None:
             set_("exclude", _as_pattern(self.exclude, "exclude"))
         set_("transposed_kernels", _as_pattern(self.transposed_kernels, "transposed_kernels"))
-        for name in ("rank_pattern", "alpha_pattern"):
+        set_("rank", _positive_int(self.rank, "rank"))
+        set_("alpha", _positive_float(self.alpha, "alpha"))
+        for name, check in (("rank_pattern", _positive_int), ("alpha_pattern", _positive_float)):
             value = getattr(self, name)
-            set_(name, tuple(dict(value).items()) if isinstance(value, Mapping) else tuple(map(tuple, value)))
-        for key, rank in (("rank", self.rank),) + tuple((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern):
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ValueError(f"LoraConfig.{key} must be a positive integer, got {rank!r}")
-        for key, alpha in (("alpha", self.alpha),) + tuple((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern):
-            if not isinstance(alpha, (int, float)) or not alpha > 0:
-                raise ValueError(f"LoraConfig.{key} must be > 0, got {alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+            items = dict(value).items() if isinstance(value, Mapping) else map(tuple, value)
+            set_(name, tuple((str(k), check(v, f"{name}[{k!r}]")) for k, v in items))
+        if isinstance(self.rslora, (bool, np.bool_)):
+            set_("rslora", bool(self.rslora))
+        else:
+            raise TypeError(f"LoraConfig.rslora must be True or False, got {self.rslora!r}")
+        dropout = _real(self.dropout, "dropout")
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise ValueError(f"LoraConfig.dtype {self.dtype!r} is not a dtype name (try 'float32' or 'bfloat16')") from e
-        for pattern in (self.targets, self.exclude, self.transposed_kernels, *(k for k, _ in self.rank_pattern + self.alpha_pattern)):
+        set_("dropout", dropout)
+        set_("dtype", _float_dtype_name(self.dtype))
+        for pattern in (
+            self.targets,
+            self.exclude,
+            self.transposed_kernels,
+            *(k for k, _ in self.rank_pattern + self.alpha_pattern),
+        ):
             if isinstance(pattern, str):
                 try:
                     re.compile(pattern)
@@ -128,7 +176,7 @@ class LoraConfig:
                     raise ValueError(f"LoraConfig pattern {pattern!r} is not a valid regex: {e}") from e
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "LoraConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> LoraConfig:
         """Build from a plain dict (e.g. a YAML section), rejecting unknown keys.
 
         Example:
@@ -189,8 +237,27 @@ def linear_kernels(params) -> dict[str, tuple[int, ...]]:
         >>> linear_kernels({"mlp": {"fc": {"kernel": np.zeros((3, 5)), "bias": np.zeros(5)}}})
         {'mlp/fc': (3, 5)}
     """
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = traverse_util.flatten_dict(check_params(params), sep="/")
     return {k[: -len("kernel")].rstrip("/"): tuple(v.shape) for k, v in flat.items() if k.split("/")[-1] == "kernel"}
+
+
+def check_params(params, what: str = "params"):
+    """``params`` itself if it is a params pytree (nested dicts of arrays); a clear error for the usual mix-ups.
+
+    Example:
+        >>> check_params({"params": {"fc": {"kernel": np.zeros((2, 2))}}})
+        Traceback (most recent call last):
+        TypeError: params is a variables dict {'params': ...}; pass variables['params'] (the params tree itself)
+    """
+    if not isinstance(params, Mapping):
+        is_model = isinstance(params, nn.Module) or is_hf_model(params)
+        hint = " (it is a model: pass its params, e.g. model.params or variables['params'])" if is_model else ""
+        raise TypeError(f"{what} must be a params pytree (nested dicts of arrays), got {type(params).__name__}{hint}")
+    if set(params) == {"params"}:
+        raise TypeError(
+            f"{what} is a variables dict {{'params': ...}}; pass variables['params'] (the params tree itself)"
+        )
+    return params
 
 
 def _is_output_head(path: str) -> bool:
@@ -221,12 +288,18 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
         if not chosen:
             hint = (
                 " (a string is a regex matched against the whole path; pass a list like ['q_proj'] "
-                "to match module names)" if isinstance(config.targets, str) else ""
+                "to match module names)"
+                if isinstance(config.targets, str)
+                else ""
             )
-            raise ValueError(f"target pattern {_show(config.targets)!r} matched no kernel{hint}; available: {available}")
+            raise ValueError(
+                f"target pattern {_show(config.targets)!r} matched no kernel{hint}; available: {available}"
+            )
         bad = [p for p in chosen if len(kernels[p]) != 2]
         if bad:
-            raise ValueError(f"targets {bad} have kernels of shape {[kernels[p] for p in bad]}; only 2-D kernels can be adapted")
+            raise ValueError(
+                f"targets {bad} have kernels of shape {[kernels[p] for p in bad]}; only 2-D kernels can be adapted"
+            )
     if config.exclude is not None:
         chosen = [p for p in chosen if not matches(config.exclude, p)]
         if not chosen:
@@ -234,9 +307,13 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
     for pattern_kind, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key, _ in table:
             if not any(re.fullmatch(rf"(?:.*/)?(?:{key})", p) for p in chosen):
-                raise ValueError(f"{pattern_kind} key {key!r} matched no targeted module; targeted: {sorted(chosen)[:8]}")
+                raise ValueError(
+                    f"{pattern_kind} key {key!r} matched no targeted module; targeted: {sorted(chosen)[:8]}"
+                )
     if config.transposed_kernels and not any(matches(config.transposed_kernels, p) for p in kernels):
-        raise ValueError(f"transposed_kernels {_show(config.transposed_kernels)!r} matched no kernel; available: {available}")
+        raise ValueError(
+            f"transposed_kernels {_show(config.transposed_kernels)!r} matched no kernel; available: {available}"
+        )
     out = {}
     for path in sorted(chosen):
         transposed = matches(config.transposed_kernels, path) if config.transposed_kernels else False

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +38,16 @@ def subspace_angles(adapter: Mapping[str, jax.Array], matrix: jax.Array, *, svd:
     a, b = np.asarray(adapter["a"], np.float64), np.asarray(adapter["b"], np.float64)
     matrix = jnp.asarray(matrix, jnp.float32)
     if matrix.shape != (a.shape[0], b.shape[1]):
-        raise ValueError(f"matrix has shape {matrix.shape}, expected (d_in, d_out) = {(a.shape[0], b.shape[1])} to match the adapter")
+        raise ValueError(
+            f"matrix has shape {matrix.shape}, expected (d_in, d_out) = {(a.shape[0], b.shape[1])} to match the adapter"
+        )
     u, _, v = top_svd(matrix, a.shape[1], method=svd)
     return {"left": principal_angles(a, np.asarray(u)), "right": principal_angles(b.T, np.asarray(v))}
 
 
-def alignment(adapters: Mapping[str, Mapping[str, jax.Array]], grads: Mapping[str, jax.Array], *,
-              svd: str = "auto") -> dict[str, dict[str, float]]:
+def alignment(
+    adapters: Mapping[str, Mapping[str, jax.Array]], grads: Mapping[str, jax.Array], *, svd: str = "auto"
+) -> dict[str, dict[str, float]]:
     """Per module, the largest principal angle (degrees) between the adapter and ``grads[path]``.
 
     ``{path: {"left": max angle(span(A), top-r left singular subspace of G),

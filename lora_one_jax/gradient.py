@@ -18,16 +18,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from tqdm.auto import tqdm
 
+from lora_one_jax._hf import apply_hf_fixes
 from lora_one_jax.config import LoraConfig, find_targets, kernel_key
-
+from lora_one_jax.progress import progress_bar
 
 
 def _make_step(loss_fn: Callable, keys: dict[str, str], order: list[str]):
@@ -47,8 +48,9 @@ def _make_step(loss_fn: Callable, keys: dict[str, str], order: list[str]):
     return jax.jit(step, donate_argnums=0)
 
 
-def estimate_gradient(loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable, config: LoraConfig,
-                      *, progress: bool = True) -> dict[str, jax.Array]:
+def estimate_gradient(
+    loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable, config: LoraConfig, *, progress: bool = True
+) -> dict[str, jax.Array]:
     """Mean gradient of ``loss_fn`` w.r.t. every kernel ``config`` targets: ``{module_path: G (d_in, d_out)}``.
 
     ``loss_fn(params, batch)`` returns a scalar (the mean loss of a micro-batch); ``batches`` is any
@@ -68,6 +70,7 @@ def estimate_gradient(loss_fn: Callable[[Any, Any], jax.Array], params, batches:
         >>> g["fc"].shape, g["fc"].dtype
         ((3, 2), dtype('float32'))
     """
+    apply_hf_fixes()
     targets = find_targets(params, config)
     keys = {p: kernel_key(p) for p in targets}
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -90,7 +93,7 @@ def estimate_gradient(loss_fn: Callable[[Any, Any], jax.Array], params, batches:
 
     total = len(batches) if hasattr(batches, "__len__") else None
     n, pending = 0, None
-    for batch in tqdm(batches, total=total, desc="gradient estimate", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, total=total, desc="gradient estimate", unit="batch", enabled=progress):
         acc, finite = step(acc, kernels, rest, batch)
         if pending is not None:  # check the previous step while this one runs
             check(*pending)

@@ -18,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax._src.base import NO_PARAMS_MSG  # optax's own missing-params message (not re-exported)
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -32,10 +34,7 @@ def _is_pair(x) -> bool:
         return False
     a, b = x["a"], x["b"]
     sa, sb = getattr(a, "shape", None), getattr(b, "shape", None)
-    return (
-        sa is not None and sb is not None and len(sa) == len(sb) >= 2
-        and sa[:-2] == sb[:-2] and sa[-1] == sb[-2]
-    )
+    return sa is not None and sb is not None and len(sa) == len(sb) >= 2 and sa[:-2] == sb[:-2] and sa[-1] == sb[-2]
 
 
 def precondition_pair(grad: Mapping, param: Mapping, damping: float) -> dict:
@@ -51,7 +50,7 @@ def precondition_pair(grad: Mapping, param: Mapping, damping: float) -> dict:
         >>> out["a"][0].tolist(), out["b"][0].tolist()  # B B^T = 4 I, A^T A = I
         ([0.25, 0.25], [1.0, 1.0, 1.0])
     """
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
     a, b, ga, gb = f32(param["a"]), f32(param["b"]), f32(grad["a"]), f32(grad["b"])
     eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
     bbt = jnp.matmul(b, jnp.swapaxes(b, -1, -2), precision=_HI) + damping * eye
@@ -76,22 +75,20 @@ def lora_one_precond(damping: float = 1e-6) -> optax.GradientTransformation:
     Example:
         >>> p = {"fc": {"a": jnp.eye(3, 2), "b": 2 * jnp.eye(2, 3)}, "bias": jnp.ones(3)}
         >>> g = jax.tree.map(jnp.ones_like, p)
-        >>> u, _ = lora_one_precond(damping=0.0).update(g, optax.EmptyState(), p)
+        >>> u, _ = lora_one_precond(damping=1e-12).update(g, optax.EmptyState(), p)
         >>> u["fc"]["a"][0].tolist(), u["bias"].tolist()
         ([0.25, 0.25], [1.0, 1.0, 1.0])
     """
-    if not damping >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
-
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 < float(damping) < float("inf"):
+        raise ValueError(
+            f"damping must be a finite number > 0, got {damping!r}: it keeps inv(B B^T + damping I) finite when a "
+            "factor is rank-deficient (with 0, LoRA's B = 0 init or a collapsed factor makes every update NaN)"
+        )
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(
-                "lora_one_precond needs the current params: call opt.update(grads, state, params) "
-                "(the preconditioner uses the pre-step A and B)"
+                f"{NO_PARAMS_MSG} lora_one_precond uses the pre-step A and B: call opt.update(grads, state, params)."
             )
 
         def visit(g, p):
@@ -99,11 +96,18 @@ def lora_one_precond(damping: float = 1e-6) -> optax.GradientTransformation:
 
         return jax.tree.map(visit, updates, params, is_leaf=_is_pair), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def lora_one(learning_rate: optax.ScalarOrSchedule, *, damping: float = 1e-6, weight_decay: float = 0.0,
-             b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+def lora_one(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 1e-6,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
     """LoRA-One's optimizer: ``optax.chain(lora_one_precond(damping), optax.adamw(...))``.
 
     ``learning_rate`` is a float or an optax schedule.

@@ -16,26 +16,28 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_one_jax.config import LoraConfig
+from lora_one_jax.config import Adapters, LoraConfig
 from lora_one_jax.svd import top_svd
-
-Adapters = dict[str, dict[str, jax.Array]]
 
 
 def _matrices(mats: Mapping[str, jax.Array], what: str) -> dict[str, jax.Array]:
     if not isinstance(mats, Mapping) or not mats:
-        raise ValueError(f"{what} must be a non-empty dict {{module_path: (d_in, d_out) matrix}}, got {type(mats).__name__}")
+        raise ValueError(
+            f"{what} must be a non-empty dict {{module_path: (d_in, d_out) matrix}}, got {type(mats).__name__}"
+        )
     out = {}
     for path, m in mats.items():
         if getattr(m, "ndim", None) != 2:
-            raise ValueError(f"{what}[{path!r}] must be a 2-D (d_in, d_out) matrix, got shape {getattr(m, 'shape', None)}")
+            raise ValueError(
+                f"{what}[{path!r}] must be a 2-D (d_in, d_out) matrix, got shape {getattr(m, 'shape', None)}"
+            )
         out[path] = m
     return out
 
@@ -49,8 +51,10 @@ def _stacked_svd(x, key, *, rank, method, negate=False):
     return u, s, v, peak, ok
 
 
-def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: str, key, what: str, negate: bool = False):
-    """``[(paths, u, s, v)]`` per group of equal (shape, rank): the SVD of each matrix (negated if ``negate``), checked."""
+def _grouped_svd(
+    mats: dict[str, jax.Array], ranks: dict[str, int], *, method: str, key, what: str, negate: bool = False
+):
+    """``[(paths, u, s, v)]`` per group of equal (shape, rank): each matrix's SVD (negated if ``negate``), checked."""
     groups: dict[tuple, list[str]] = {}
     for path, m in mats.items():
         rank = ranks[path]
@@ -64,12 +68,16 @@ def _grouped_svd(mats: dict[str, jax.Array], ranks: dict[str, int], *, method: s
     results = []  # dispatch every group first (asynchronously), then check them
     for i, ((_, rank), paths) in enumerate(sorted(groups.items())):
         stack = jnp.stack([jnp.asarray(mats[p], jnp.float32) for p in paths])
-        results.append((paths, _stacked_svd(stack, jax.random.fold_in(key, i), rank=rank, method=method, negate=negate)))
-    for paths, (u, s, v, peak, ok) in results:
+        results.append(
+            (paths, _stacked_svd(stack, jax.random.fold_in(key, i), rank=rank, method=method, negate=negate))
+        )
+    for paths, (_, _, _, peak, ok) in results:
         peak, ok = np.asarray(peak), np.asarray(ok)
         for j, path in enumerate(paths):
             if not np.isfinite(peak[j]):
-                raise ValueError(f"{what} of module {path!r} contains NaN or Inf; fix the loss or data (or exclude the module)")
+                raise ValueError(
+                    f"{what} of module {path!r} contains NaN or Inf; fix the loss or data (or exclude the module)"
+                )
             if peak[j] == 0:
                 raise ValueError(
                     f"{what} of module {path!r} is all zero, so it has no singular directions; check that the "
@@ -89,8 +97,14 @@ def _balanced(paths, u, v, root, dtype) -> Adapters:
     return _split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype)
 
 
-def spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: float = 128.0,
-                  svd: str = "auto", key: jax.Array | None = None) -> Adapters:
+def spectral_init(
+    grads: Mapping[str, jax.Array],
+    config: LoraConfig,
+    *,
+    gamma: float = 128.0,
+    svd: str = "auto",
+    key: jax.Array | None = None,
+) -> Adapters:
     """LoRA-One's spectral init from full fine-tuning gradients ``{module_path: G (d_in, d_out)}``.
 
     With ``-G = P diag(s) Q^T`` and ``s1 = s[0]``, each module gets
@@ -114,14 +128,16 @@ def spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: 
     mats = _matrices(grads, "grads")
     dtype = jnp.dtype(config.dtype)
     out: Adapters = {}
-    for paths, u, s, v in _grouped_svd(mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key,
-                                       what="gradient", negate=True):
+    for paths, u, s, v in _grouped_svd(
+        mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key, what="gradient", negate=True
+    ):
         out.update(_balanced(paths, u, v, jnp.sqrt(s) / jnp.sqrt(gamma * s[:, :1]), dtype))
     return {p: out[p] for p in mats}
 
 
-def pissa_init(weights: Mapping[str, jax.Array], config: LoraConfig, *, svd: str = "auto",
-               key: jax.Array | None = None) -> Adapters:
+def pissa_init(
+    weights: Mapping[str, jax.Array], config: LoraConfig, *, svd: str = "auto", key: jax.Array | None = None
+) -> Adapters:
     """PiSSA (Meng et al. 2024): adapters holding the top-r SVD of the kernels themselves.
 
     ``weights`` are ``{module_path: W (d_in, d_out)}`` in Flax orientation. With ``W = U S V^T``:
@@ -144,8 +160,14 @@ def pissa_init(weights: Mapping[str, jax.Array], config: LoraConfig, *, svd: str
     return {p: out[p] for p in mats}
 
 
-def lora_ga_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: float = 16.0,
-                 svd: str = "auto", key: jax.Array | None = None) -> Adapters:
+def lora_ga_init(
+    grads: Mapping[str, jax.Array],
+    config: LoraConfig,
+    *,
+    gamma: float = 16.0,
+    svd: str = "auto",
+    key: jax.Array | None = None,
+) -> Adapters:
     """LoRA-GA (Wang et al. 2024) from gradients ``{module_path: G (d_in, d_out)}``.
 
     With ``G = P diag(s) Q^T`` (2r triplets): ``A = P[:, :r] * c`` and ``B = Q[:, r:2r]^T * c`` (disjoint
@@ -169,10 +191,13 @@ def lora_ga_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, gamma: f
     for path, r in ranks.items():
         if 2 * r > min(mats[path].shape):
             raise ValueError(
-                f"LoRA-GA needs 2 * rank = {2 * r} <= min(d_in, d_out) for {path!r} of shape {tuple(mats[path].shape)}; "
+                f"LoRA-GA needs 2 * rank = {2 * r} <= min(d_in, d_out) for {path!r} of shape "
+                f"{tuple(mats[path].shape)}; "
                 "lower the rank for this module"
             )
-    for paths, u, s, v in _grouped_svd(mats, {p: 2 * r for p, r in ranks.items()}, method=svd, key=key, what="gradient"):
+    for paths, u, _, v in _grouped_svd(
+        mats, {p: 2 * r for p, r in ranks.items()}, method=svd, key=key, what="gradient"
+    ):
         r = u.shape[-1] // 2
         c = v.shape[-2] ** 0.25 / math.sqrt(gamma)  # v: (k, d_out, 2r)
         out.update(_split(paths, u[..., :r] * c, jnp.swapaxes(v[..., r:], -1, -2) * c, dtype))

@@ -86,8 +86,15 @@ def _randomized(x, rank, key, oversample, n_iter):
 
 
 @partial(jax.jit, static_argnames=("rank", "method", "oversample", "n_iter"))
-def top_svd(x: jax.Array, rank: int, *, method: str = "auto", key: jax.Array | None = None,
-            oversample: int = 10, n_iter: int = 4):
+def top_svd(
+    x: jax.Array,
+    rank: int,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    oversample: int = 10,
+    n_iter: int = 4,
+):
     """The ``rank`` leading singular triplets ``(u, s, v)`` of each matrix in ``x`` (..., m, n).
 
     Computed in float32; ``key`` seeds the randomized sketch (a fixed key when ``None``).
@@ -140,7 +147,9 @@ def principal_angles(x, y, *, degrees: bool = True) -> np.ndarray:
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"principal_angles needs two matrices with the same number of rows, got {x.shape} and {y.shape}")
+        raise ValueError(
+            f"principal_angles needs two matrices with the same number of rows, got {x.shape} and {y.shape}"
+        )
     want = max(x.shape[1], y.shape[1])
     qx, qy = _basis(x), _basis(y)
     if qx.shape[1] < qy.shape[1]:

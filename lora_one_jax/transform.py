@@ -1,7 +1,9 @@
 """The module transform: run any Flax model with adapters, through ``flax.linen`` interception.
 
 No model code is copied or rewritten and no ``W + A @ B`` is materialised: every targeted layer's
-output gets ``scale * dropout(x) @ A @ B`` added, with the adapters looked up by module path.
+output gets ``scale * dropout(x) @ A @ B`` added, with the adapters looked up by module path. What is
+targeted, each module's rank, scale and kernel layout all come from ``find_targets(params, config)``,
+the same source ``merge`` uses, so a trained adapter means the same thing in both.
 
 Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -17,31 +19,33 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_one_jax.compat import patch_transformers
-from lora_one_jax.config import LoraConfig, matches
+from lora_one_jax._hf import apply_hf_fixes, is_hf_model
+from lora_one_jax.adapters import check_adapters
+from lora_one_jax.config import LoraConfig, Target, find_targets
 
-# Module classes known to store their kernel as (d_out, d_in).
-_TRANSPOSED_CLASSES = ("FlaxConv1D",)
+#: Names of module classes that store their kernel as (d_out, d_in). ``lora_one_jax.models`` adds
+#: Hugging Face's ``FlaxConv1D`` (GPT-2); add your own layer's class name here.
+TRANSPOSED_MODULES: set[str] = set()
 
 
 def _module_path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
-def _check_layout(module: nn.Module, path: str, config: LoraConfig) -> None:
-    class_transposed = type(module).__name__ in _TRANSPOSED_CLASSES
-    config_transposed = bool(config.transposed_kernels) and matches(config.transposed_kernels, path)
-    if class_transposed != config_transposed:
+def _check_layout(module: nn.Module, path: str, target: Target) -> None:
+    class_transposed = type(module).__name__ in TRANSPOSED_MODULES
+    if class_transposed != target.transposed:
         what = "stores" if class_transposed else "does not store"
         raise ValueError(
             f"module {path!r} ({type(module).__name__}) {what} its kernel as (d_out, d_in), but "
-            f"LoraConfig.transposed_kernels={config.transposed_kernels!r} says otherwise; "
+            f"LoraConfig.transposed_kernels says otherwise; "
             + ("add it (GPT-2: transposed_kernels=['c_attn', 'c_proj', 'c_fc'])" if class_transposed else "remove it")
         )
 
@@ -62,14 +66,25 @@ def lora_delta(x: jax.Array, adapter, scale: float, *, dropout: float = 0.0, rng
     return scale * ((x @ a) @ b)
 
 
+def _params_of(variables) -> Any:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = sorted(variables)[:5] if isinstance(variables, Mapping) else type(variables).__name__
+        raise TypeError(
+            f"apply's first argument is the variables dict {{'params': params, ...}} (as for module.apply); "
+            f"got {got}. Call apply({{'params': params}}, adapters, ...)"
+        )
+    return variables["params"]
+
+
 def with_lora(module, config: LoraConfig) -> Callable[..., Any]:
     """Wrap ``module`` so that ``apply(variables, adapters, *args, lora_rng=None, **kwargs)`` runs
     ``module.apply(variables, *args, **kwargs)`` with the adapters added to every targeted layer.
 
     ``module`` is a ``flax.linen.Module`` or a Hugging Face ``FlaxPreTrainedModel`` (then the call is
     ``model(*args, params=variables["params"], **kwargs)``). LoRA dropout is active only when
-    ``lora_rng`` is given. Differentiable w.r.t. ``adapters`` and usable under ``jax.jit``.
-    Raises if an adapter's module is never called (a path that does not exist in the model).
+    ``lora_rng`` is given. Differentiable w.r.t. ``adapters`` and usable under ``jax.jit``. Raises if an
+    adapter does not fit the config (a module it does not target, another rank, wrong shapes) or if its
+    module is never called.
 
     Example:
         >>> model = nn.Dense(2, name="fc")
@@ -79,12 +94,18 @@ def with_lora(module, config: LoraConfig) -> Callable[..., Any]:
         >>> (apply(variables, ad, jnp.ones((1, 3))) - model.apply(variables, jnp.ones((1, 3)))).tolist()
         [[3.0, 3.0]]
     """
-    patch_transformers()
-    is_hf_wrapper = not isinstance(module, nn.Module) and isinstance(getattr(module, "module", None), nn.Module)
-    if not is_hf_wrapper and not isinstance(module, nn.Module):
+    hf = is_hf_model(module)
+    if not hf and not isinstance(module, nn.Module):
         raise TypeError(f"with_lora needs a flax.linen.Module or a HF FlaxPreTrainedModel, got {type(module).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"with_lora needs a LoraConfig, got {type(config).__name__}")
+    if hf:
+        apply_hf_fixes()
 
     def apply(variables, adapters, *args, lora_rng: jax.Array | None = None, **kwargs):
+        params = _params_of(variables)
+        targets = find_targets(params, config)
+        check_adapters(adapters, targets)
         order = {path: i for i, path in enumerate(sorted(adapters))}
         applied: set[str] = set()
 
@@ -95,24 +116,24 @@ def with_lora(module, config: LoraConfig) -> Callable[..., Any]:
             path = _module_path(context.module)
             if path not in adapters:
                 return out
-            _check_layout(context.module, path, config)
-            adapter = adapters[path]
+            target = targets[path]
+            _check_layout(context.module, path, target)
             x = call_args[0] if call_args else next(iter(call_kwargs.values()))
-            if x.shape[-1] != adapter["a"].shape[0]:
+            if x.shape[-1] != target.d_in or out.shape[-1] != target.d_out:
                 raise ValueError(
-                    f"adapter {path!r} has A of shape {adapter['a'].shape} but the module's input has "
-                    f"{x.shape[-1]} features; the adapters were made for another model or layout"
+                    f"module {path!r} maps {x.shape[-1]} to {out.shape[-1]} features, but its kernel says "
+                    f"(d_in, d_out) = {(target.d_in, target.d_out)}; check LoraConfig.transposed_kernels"
                 )
             rng = None
             if lora_rng is not None:
                 rng = jax.random.fold_in(jax.random.fold_in(lora_rng, order[path]), len(applied))
-            scale = config.scale_for(path, adapter["a"].shape[1])
             applied.add(path)
-            return out + lora_delta(x, adapter, scale, dropout=config.dropout, rng=rng).astype(out.dtype)
+            delta = lora_delta(x, adapters[path], target.scale, dropout=config.dropout, rng=rng)
+            return out + delta.astype(out.dtype)
 
         with nn.intercept_methods(interceptor):
-            if is_hf_wrapper:
-                result = module(*args, params=variables["params"], **kwargs)
+            if hf:
+                result = module(*args, params=params, **kwargs)
             else:
                 result = module.apply(variables, *args, **kwargs)
         unused = sorted(set(adapters) - applied)

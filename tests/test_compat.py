@@ -1,14 +1,22 @@
-"""The fixes in lora_one_jax.compat, each checked against a model that is known to be right."""
+"""The fixes in lora_one_jax.models.compat, each checked against a model that is known to be right."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
 
-import lora_one_jax  # noqa: F401  (applies the fixes)
+import lora_one_jax.models  # noqa: F401  (applies the HF compat fixes)
 
-SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=50000.0)
+SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=50000.0,
+)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
 
 
@@ -30,10 +38,12 @@ def test_rotary_table_uses_rope_theta(family):
     head_dim = 8
     angles = np.arange(64)[:, None] * 50000.0 ** (-np.arange(0, head_dim, 2) / head_dim)[None, :]
     np.testing.assert_allclose(table[:, 0, : head_dim // 2], np.sin(angles), atol=1e-5)
-    np.testing.assert_allclose(table[:, 0, head_dim: head_dim + head_dim // 2], np.cos(angles), atol=1e-5)
+    np.testing.assert_allclose(table[:, 0, head_dim : head_dim + head_dim // 2], np.cos(angles), atol=1e-5)
 
 
 def test_t5_runs_on_current_jax():
-    model = tf.FlaxT5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4), seed=0)
+    model = tf.FlaxT5ForConditionalGeneration(
+        tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4), seed=0
+    )
     out = model(IDS, decoder_input_ids=IDS[:, :3]).logits
     assert out.shape == (2, 3, 64) and bool(jnp.isfinite(out).all())

@@ -36,17 +36,25 @@ def test_names_regex_and_exclude():
     assert paths(lj.LoraConfig(rank=2, targets=["q_proj"])) == [f"model/layers/{i}/self_attn/q_proj" for i in range(2)]
     assert paths(lj.LoraConfig(rank=2, targets=["mlp/up_proj"])) == [f"model/layers/{i}/mlp/up_proj" for i in range(2)]
     assert paths(lj.LoraConfig(rank=2, targets=r".*layers/1/.*_proj")) == [
-        "model/layers/1/mlp/down_proj", "model/layers/1/mlp/up_proj",
-        "model/layers/1/self_attn/q_proj", "model/layers/1/self_attn/v_proj",
+        "model/layers/1/mlp/down_proj",
+        "model/layers/1/mlp/up_proj",
+        "model/layers/1/self_attn/q_proj",
+        "model/layers/1/self_attn/v_proj",
     ]
     assert paths(lj.LoraConfig(rank=2, targets=["q_proj", "v_proj"], exclude=r".*layers/0/.*")) == [
-        "model/layers/1/self_attn/q_proj", "model/layers/1/self_attn/v_proj",
+        "model/layers/1/self_attn/q_proj",
+        "model/layers/1/self_attn/v_proj",
     ]
 
 
 def test_rank_and_alpha_patterns_and_scales():
-    cfg = lj.LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "up_proj"], rank_pattern={"up_proj": 8},
-                        alpha_pattern={r"layers/1/self_attn/q_proj": 2.0})
+    cfg = lj.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=["q_proj", "up_proj"],
+        rank_pattern={"up_proj": 8},
+        alpha_pattern={r"layers/1/self_attn/q_proj": 2.0},
+    )
     t = lj.find_targets(PARAMS, cfg)
     assert (t["model/layers/0/self_attn/q_proj"].rank, t["model/layers/0/self_attn/q_proj"].scale) == (4, 2.0)
     assert (t["model/layers/1/self_attn/q_proj"].rank, t["model/layers/1/self_attn/q_proj"].scale) == (4, 0.5)
@@ -63,22 +71,27 @@ def test_target_that_matches_nothing_lists_available_paths():
 
 
 def test_rank_larger_than_kernel_is_rejected_with_the_module_name():
-    with pytest.raises(ValueError, match=r"rank 8 for 'model/layers/0/self_attn/v_proj' exceeds min\(d_in, d_out\) = 4"):
+    with pytest.raises(
+        ValueError, match=r"rank 8 for 'model/layers/0/self_attn/v_proj' exceeds min\(d_in, d_out\) = 4"
+    ):
         paths(lj.LoraConfig(rank=8, targets=["v_proj"]))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 0}, "rank must be a positive integer"),
-    ({"rank": -3}, "rank must be a positive integer"),
-    ({"rank": 2.5}, "rank must be a positive integer"),
-    ({"alpha": 0.0}, "alpha must be > 0"),
-    ({"alpha": -1.0}, "alpha must be > 0"),
-    ({"dropout": 1.0}, "dropout must be in"),
-    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
-    ({"alpha_pattern": {"q_proj": -2.0}}, r"alpha_pattern\['q_proj'\] must be > 0"),
-    ({"dtype": "float33"}, "not a dtype name"),
-    ({"targets": "(unclosed"}, "not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": -3}, "rank must be a positive integer"),
+        ({"rank": 2.5}, "rank must be a positive integer"),
+        ({"alpha": 0.0}, "alpha must be a finite number > 0"),
+        ({"alpha": -1.0}, "alpha must be a finite number > 0"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+        ({"alpha_pattern": {"q_proj": -2.0}}, r"alpha_pattern\[.q_proj.\] must be a finite number > 0"),
+        ({"dtype": "float33"}, "not a dtype name"),
+        ({"targets": "(unclosed"}, "not a valid regex"),
+    ],
+)
 def test_bad_values_raise_with_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lj.LoraConfig(**kwargs)

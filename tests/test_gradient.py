@@ -40,8 +40,13 @@ def loss_fn(params, batch):
 
 def make_batches(n, bsz=3, seq=5, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"ids": jnp.asarray(rng.integers(0, VOCAB, (bsz, seq))), "labels": jnp.asarray(rng.integers(0, VOCAB, (bsz, seq)))}
-            for _ in range(n)]
+    return [
+        {
+            "ids": jnp.asarray(rng.integers(0, VOCAB, (bsz, seq))),
+            "labels": jnp.asarray(rng.integers(0, VOCAB, (bsz, seq))),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_equals_grad_of_concatenated_batch():
@@ -50,7 +55,8 @@ def test_equals_grad_of_concatenated_batch():
     assert sorted(g) == ["mlp/down", "mlp/up"]
     big = jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)
     ref = jax.jit(jax.grad(lambda k: loss_fn({**params, "mlp": k}, big)))(
-        {name: {kk: v for kk, v in m.items()} for name, m in params["mlp"].items()})
+        {name: dict(m) for name, m in params["mlp"].items()}
+    )
     np.testing.assert_allclose(g["mlp/up"], ref["up"]["kernel"], rtol=1e-5, atol=1e-7)
     # transposed kernel: stored (d_out, d_in) = (8, 12), gradient returned as (d_in, d_out) = (12, 8)
     assert g["mlp/down"].shape == (H, D)
@@ -62,7 +68,11 @@ def test_unequal_batches_average_per_batch_means():
     params = make_params()
     batches = make_batches(1, bsz=2) + make_batches(1, bsz=4, seed=1)
     g = lj.estimate_gradient(loss_fn, params, iter(batches), CFG, progress=False)  # a plain iterator works
-    grad_up = jax.jit(jax.grad(lambda k, b: loss_fn({**params, "mlp": {**params["mlp"], "up": {**params["mlp"]["up"], "kernel": k}}}, b)))
+    grad_up = jax.jit(
+        jax.grad(
+            lambda k, b: loss_fn({**params, "mlp": {**params["mlp"], "up": {**params["mlp"]["up"], "kernel": k}}}, b)
+        )
+    )
     per = [grad_up(params["mlp"]["up"]["kernel"], b) for b in batches]
     np.testing.assert_allclose(g["mlp/up"], (per[0] + per[1]) / 2, rtol=1e-5, atol=1e-7)
 
@@ -102,7 +112,9 @@ def test_nan_names_module_and_batch():
 
 def test_last_batch_inf_and_empty():
     with pytest.raises(FloatingPointError, match="micro-batch 1"):
-        lj.estimate_gradient(poisoned_loss, make_params(), with_poison(make_batches(2), {1: jnp.inf}), CFG, progress=False)
+        lj.estimate_gradient(
+            poisoned_loss, make_params(), with_poison(make_batches(2), {1: jnp.inf}), CFG, progress=False
+        )
     with pytest.raises(ValueError, match="empty"):
         lj.estimate_gradient(loss_fn, make_params(), [], CFG, progress=False)
 

@@ -18,8 +18,15 @@ def best_rank_np(x, r):
 
 @pytest.fixture(scope="module")
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.FlaxLlamaForCausalLM(cfg, input_shape=(1, 8), seed=0)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)} for _ in range(2)]
@@ -56,8 +63,11 @@ def test_lora_one_on_flax_llama(llama):
     for path, g in grads.items():
         g = np.asarray(g, np.float64)
         s1 = np.linalg.svd(g, compute_uv=False)[0]
-        expect = np.asarray(flat_w[path + "/kernel"], np.float64) - cfg.scale_for(path) / (GAMMA * s1) * best_rank_np(g, 4)
+        expect = np.asarray(flat_w[path + "/kernel"], np.float64) - cfg.scale_for(path) / (GAMMA * s1) * best_rank_np(
+            g, 4
+        )
         np.testing.assert_allclose(flat_m[path + "/kernel"], expect, atol=1e-6)
+
     # the init is a descent direction: d/dt loss(W + t * scale * A0 @ B0) at t = 0 equals
     # <G, scale * best_rank_r(-G) / (gamma s1)> = -scale * sum(s[:r] ** 2) / (gamma s1), summed over modules
     def along(t):
@@ -76,7 +86,9 @@ def test_pissa_residual_base():
     rng = np.random.default_rng(1)
     w, wt = rng.standard_normal((10, 7)).astype(np.float32), rng.standard_normal((6, 9)).astype(np.float32)
     params = {"fc": {"kernel": jnp.asarray(w)}, "conv": {"kernel": jnp.asarray(wt)}}  # conv stored (d_out, d_in)
-    cfg = lj.LoraConfig(rank=3, alpha=6.0, targets=["fc", "conv"], transposed_kernels=["conv"], rank_pattern={"conv": 2})
+    cfg = lj.LoraConfig(
+        rank=3, alpha=6.0, targets=["fc", "conv"], transposed_kernels=["conv"], rank_pattern={"conv": 2}
+    )
     base, ad = lj.init_adapters(params, cfg, key=jax.random.key(0), method="pissa", svd="exact")
     for path, logical, r in (("fc", w, 3), ("conv", wt.T, 2)):
         prod = cfg.scale_for(path) * np.asarray(ad[path]["a"] @ ad[path]["b"], np.float64)
@@ -104,8 +116,13 @@ def test_lora_ga_disjoint_directions():
     np.testing.assert_allclose(base["fc"]["kernel"], w - 2.0 * a @ b, atol=1e-5)
     np.testing.assert_allclose(lj.merge(base, ad, cfg)["fc"]["kernel"], w, atol=1e-5)
     with pytest.raises(ValueError, match="2 \\* rank"):
-        lj.init_adapters(params, lj.LoraConfig(rank=6, targets=["fc"]), key=jax.random.key(0), method="lora-ga",
-                         grads={"fc": jnp.asarray(g)})
+        lj.init_adapters(
+            params,
+            lj.LoraConfig(rank=6, targets=["fc"]),
+            key=jax.random.key(0),
+            method="lora-ga",
+            grads={"fc": jnp.asarray(g)},
+        )
 
 
 def test_dispatch_errors_and_lora_still_works():

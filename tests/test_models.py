@@ -11,17 +11,17 @@ import transformers as tf
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-import lora_one_jax  # noqa: F401  (applies the compat fixes)
-from lora_one_jax.gguf_loader import load_gguf, permute_qk
+import lora_one_jax.models  # noqa: F401  (applies the HF compat fixes)
 from lora_one_jax.models import load_model, merge_safetensors_shards, toy_llama
-from lora_one_jax.tokenizer import toy_tokenizer
+from lora_one_jax.models.gguf import load_gguf, permute_qk
+from lora_one_jax.models.tokenizer import toy_tokenizer
 from tests.smollm import SENTENCE, smollm2
 
 IDS = np.array([[1, 40, 41, 42, 120, 7, 200, 3], [1, 50, 60, 70, 80, 90, 100, 110]], np.int32)
 
 
 def _nll(model, params, ids, *, jit=True) -> float:
-    forward = lambda p, i: model(i, params=p).logits  # noqa: E731
+    forward = lambda p, i: model(i, params=p).logits
     logits = (jax.jit(forward) if jit else forward)(params, ids).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], -1)
     return float(-jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean())
@@ -67,7 +67,13 @@ def test_smollm2_wrong_without_rope_fix(monkeypatch):
 @pytest.mark.slow
 def test_smollm2_tokenizer_details():
     _, _, tok = smollm2()
-    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_start|>", 1, "<|im_end|>", 2, 2)
+    assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id, tok.pad_token_id) == (
+        "<|im_start|>",
+        1,
+        "<|im_end|>",
+        2,
+        2,
+    )
     # digits are split one by one, also after two spaces (where a ByteLevel-only pre-tokenizer merges them)
     assert tok.convert_ids_to_tokens(tok("x  12 apples").input_ids) == ["x", "ĠĠ", "1", "2", "Ġapples"]
     assert tok.convert_ids_to_tokens(tok("in 2024").input_ids) == ["in", "Ġ", "2", "0", "2", "4"]
@@ -83,8 +89,11 @@ def test_smollm2_tokenizer_details():
 def test_minilm_sentence_similarity():
     model, params, tok = load_model("minilm-l6")
     assert type(model).__name__ == "FlaxBertModel"
-    batch = tok(["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."],
-                padding=True, return_tensors="np")
+    batch = tok(
+        ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."],
+        padding=True,
+        return_tensors="np",
+    )
     hidden = model(**batch, params=params).last_hidden_state
     mask = batch["attention_mask"][..., None]
     emb = np.asarray((hidden * mask).sum(1) / mask.sum(1))
@@ -124,8 +133,15 @@ def _write_gguf(path, model, params, tok, *, tied: bool, rope_theta: float):
     w.add_tensor("output_norm.weight", np.asarray(flat["model/norm/weight"]))
     if not tied:
         w.add_tensor("output.weight", np.asarray(flat["lm_head/kernel"]).T.copy())
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    names = {
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     for i in range(cfg.num_hidden_layers):
         layer = f"model/layers/{i}"
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.asarray(flat[f"{layer}/input_layernorm/weight"]))
@@ -215,7 +231,10 @@ def test_hf_folder_pytorch_safetensors_single_sharded_and_tied(tmp_path, tiny):
     sharded = tmp_path / "pt-sharded"
     model.config.save_pretrained(sharded)
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, names in shards.items():
         save_file({k: state[k] for k in names}, str(sharded / name), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
@@ -226,7 +245,11 @@ def test_hf_folder_pytorch_safetensors_single_sharded_and_tied(tmp_path, tiny):
 
     tied = tmp_path / "pt-tied"  # a tied checkpoint has no lm_head: it is the embedding
     tf.LlamaConfig.from_dict({**model.config.to_dict(), "tie_word_embeddings": True}).save_pretrained(tied)
-    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k != "lm_head.weight"},
+        str(tied / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     t_model, t_params, _ = load_model(tied)
     np.testing.assert_array_equal(t_params["lm_head"]["kernel"], params["model"]["embed_tokens"]["embedding"].T)
 

@@ -27,7 +27,9 @@ def test_lora_one_recipe_runs_and_starts_aligned():
     assert jnp.isfinite(ns["loss"])
     assert set(ns["grads"]) == set(ns["adapters"]) and len(ns["adapters"]) == 6
     lj, model, config = ns["lj"], ns["model"], ns["config"]
-    _, at_init = lj.init_adapters(model.params, config, key=ns["jax"].random.key(0), method="lora-one", grads=ns["grads"])
+    _, at_init = lj.init_adapters(
+        model.params, config, key=ns["jax"].random.key(0), method="lora-one", grads=ns["grads"]
+    )
     angles = lj.alignment(at_init, ns["grads"])
     assert max(max(a.values()) for a in angles.values()) < 0.1
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import lora_one_jax as lj
-from lora_one_jax import spectral, svd as svd_mod
+from lora_one_jax import spectral
+from lora_one_jax import svd as svd_mod
 
 GAMMA = 128.0
 
@@ -59,7 +60,9 @@ def test_spectral_init_dtype_and_gamma():
     ad = lj.spectral_init(g, lj.LoraConfig(rank=2, dtype="bfloat16"), gamma=4.0)
     assert ad["fc"]["a"].dtype == jnp.bfloat16 and ad["fc"]["b"].dtype == jnp.bfloat16
     a_ref, b_ref, _ = ref_lora_one(np.asarray(g["fc"]), 2, 4.0)
-    np.testing.assert_allclose(np.asarray(ad["fc"]["a"] @ ad["fc"]["b"], np.float32), a_ref @ b_ref, atol=2e-2 * np.abs(a_ref @ b_ref).max())
+    np.testing.assert_allclose(
+        np.asarray(ad["fc"]["a"] @ ad["fc"]["b"], np.float32), a_ref @ b_ref, atol=2e-2 * np.abs(a_ref @ b_ref).max()
+    )
     with pytest.raises(ValueError, match="gamma"):
         lj.spectral_init(g, lj.LoraConfig(rank=2), gamma=0.0)
 
@@ -68,8 +71,11 @@ def test_one_jit_per_group(monkeypatch):
     calls = []
     real = spectral._stacked_svd
     monkeypatch.setattr(spectral, "_stacked_svd", lambda x, key, **kw: calls.append(x.shape) or real(x, key, **kw))
-    grads = {f"layers/{i}/{name}": jnp.ones(shape) * jnp.arange(shape[1]) + i
-             for i in range(4) for name, shape in (("q", (8, 8)), ("up", (8, 16)))}
+    grads = {
+        f"layers/{i}/{name}": jnp.ones(shape) * jnp.arange(shape[1]) + i
+        for i in range(4)
+        for name, shape in (("q", (8, 8)), ("up", (8, 16)))
+    }
     ad = lj.spectral_init(grads, lj.LoraConfig(rank=1))
     assert sorted(calls) == [(4, 8, 8), (4, 8, 16)]  # two groups of four stacked matrices
     assert list(ad) == list(grads)
@@ -89,7 +95,9 @@ def test_errors_name_the_module(monkeypatch):
     with pytest.raises(ValueError, match="unknown svd method"):
         lj.spectral_init({"ok": good}, cfg, svd="fast")
     # an SVD that returns garbage is reported, not passed on (a fresh shape forces a new trace)
-    monkeypatch.setattr(spectral, "top_svd", lambda x, r, **kw: tuple(jnp.full_like(t, jnp.nan) for t in lj.top_svd(x, r)))
+    monkeypatch.setattr(
+        spectral, "top_svd", lambda x, r, **kw: tuple(jnp.full_like(t, jnp.nan) for t in lj.top_svd(x, r))
+    )
     with pytest.raises(ValueError, match=r"SVD of the gradient of module 'odd' returned NaN"):
         lj.spectral_init({"odd": jax.random.normal(jax.random.key(1), (7, 3))}, cfg)
 
@@ -127,8 +135,12 @@ def test_principal_angles_against_scipy():
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((20, 4)), rng.standard_normal((20, 4))
     y_close = x + 1e-6 * rng.standard_normal((20, 4))
-    np.testing.assert_allclose(lj.principal_angles(x, y), np.sort(np.degrees(scipy_linalg.subspace_angles(x, y))), atol=1e-8)
-    np.testing.assert_allclose(lj.principal_angles(x, y_close), np.sort(np.degrees(scipy_linalg.subspace_angles(x, y_close))), atol=1e-8)
+    np.testing.assert_allclose(
+        lj.principal_angles(x, y), np.sort(np.degrees(scipy_linalg.subspace_angles(x, y))), atol=1e-8
+    )
+    np.testing.assert_allclose(
+        lj.principal_angles(x, y_close), np.sort(np.degrees(scipy_linalg.subspace_angles(x, y_close))), atol=1e-8
+    )
     assert lj.principal_angles(x, y_close).max() < 1e-3
     # a rank-deficient factor counts as 90 degrees in the missing directions
     assert lj.principal_angles(np.zeros((20, 2)), x[:, :2]).tolist() == [90.0, 90.0]

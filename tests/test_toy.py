@@ -83,10 +83,16 @@ def test_lora_one_beats_lora_on_matrix_sensing():
             finals, ads = run(loss, ad0, precond, base)
             finals = np.where(np.isfinite(finals), np.asarray(finals), np.inf)
             best = int(np.argmin(finals))
-            results[base_name, name] = (float(finals[best]), float(LRS[best]), jax.tree.map(lambda t: t[best], ads))
-            print(f"{base_name:4s} {name:8s} loss after {STEPS} steps by lr: "
-                  + " ".join(f"{lr:g}:{l:.2e}" for lr, l in zip(LRS.tolist(), finals.tolist()))
-                  + f"  -> best {finals[best]:.3e} at lr {float(LRS[best]):g}")
+            results[base_name, name] = (
+                float(finals[best]),
+                float(LRS[best]),
+                jax.tree.map(lambda t, i=best: t[i], ads),
+            )
+            print(
+                f"{base_name:4s} {name:8s} loss after {STEPS} steps by lr: "
+                + " ".join(f"{lr:g}:{loss:.2e}" for lr, loss in zip(LRS.tolist(), finals.tolist()))
+                + f"  -> best {finals[best]:.3e} at lr {float(LRS[best]):g}"
+            )
     print(f"initial loss: LoRA {float(loss(ad_lora)):.4f}, LoRA-One {float(loss(ad_one)):.4f}")
 
     lora, one = results["sgd", "LoRA"], results["sgd", "LoRA-One"]

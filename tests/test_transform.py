@@ -56,7 +56,7 @@ def test_gradients_reach_only_adapters_and_follow_chain_rule(name):
     adapters = random_adapters(fam.params, cfg)
     before = jax.tree.map(np.array, fam.params)
 
-    loss_lora = lambda a: jnp.mean(fam.forward_lora(fam.params, a, cfg) ** 2)  # noqa: E731
+    loss_lora = lambda a: jnp.mean(fam.forward_lora(fam.params, a, cfg) ** 2)
     grads = jax.jit(jax.grad(loss_lora))(adapters)
 
     merged = lj.merge(fam.params, adapters, cfg)
@@ -82,7 +82,9 @@ def test_unmerge_inverts_merge(name):
     merged = lj.merge(fam.params, adapters, cfg)
     changed = [k for k, v in flat(merged).items() if not np.array_equal(v, flat(fam.params)[k])]
     assert sorted(changed) == sorted(lj.config.kernel_key(p) for p in adapters)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), lj.unmerge(merged, adapters, cfg), fam.params)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), lj.unmerge(merged, adapters, cfg), fam.params
+    )
 
 
 def test_gpt2_conv1d_layout_is_respected():
@@ -137,8 +139,17 @@ def test_adapter_for_missing_module_is_reported():
     cfg = config_for(fam)
     _, adapters = lj.init_adapters(fam.params, cfg, key=jax.random.key(0))
     adapters["nowhere"] = adapters["up"]
-    with pytest.raises(ValueError, match="nowhere.*never applied"):
+    with pytest.raises(ValueError, match=r"adapters for \['nowhere'\] match no module targeted by the config"):
         fam.forward_lora(fam.params, adapters, cfg)
+
+
+def test_adapter_of_a_module_that_is_never_called_is_reported():
+    fam = family("mlp")
+    params = {**fam.params, "unused": {"kernel": jnp.ones((12, 4))}}  # a kernel the forward pass never uses
+    cfg = lj.LoraConfig(rank=2, targets=["up", "unused"])
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"adapters \['unused'\] were never applied"):
+        fam.forward_lora(params, adapters, cfg)
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "mlp"])
@@ -153,7 +164,9 @@ def test_all_linear_selects_what_peft_selects(name):
     peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, target_modules="all-linear"))
     prefix = "base_model.model."
     peft_paths = sorted(
-        n[len(prefix):].replace(".", "/") for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+        n[len(prefix) :].replace(".", "/")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
     )
     ours = sorted(lj.find_targets(fam.params, config_for(fam)))
     assert ours == peft_paths

@@ -16,31 +16,12 @@ import time
 
 import jax
 import optax
-from tqdm.auto import tqdm
 
 import lora_one_jax as lj
-
-
-def full_loss_fn(model):
-    """``loss(params, batch)``: the full fine-tuning loss of a causal LM on one ``lj.batches`` batch."""
-    def loss(params, batch):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], params=params).logits
-        return lj.causal_lm_loss(logits, batch)
-
-    return loss
-
-
-def lora_loss_fn(model, config):
-    """``loss(base_params, adapters, batch)``: the same loss with the adapters added (``with_lora``)."""
-    apply = lj.with_lora(model, config)
-
-    def loss(base, adapters, batch):
-        logits = apply({"params": base}, adapters, batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
-        return lj.causal_lm_loss(logits, batch)
-
-    return loss
+from lora_one_jax.data import batches, load_task
+from lora_one_jax.eval import Evaluator
+from lora_one_jax.models import load_model
+from lora_one_jax.progress import progress_bar
 
 
 def parse_args(argv=None):
@@ -50,8 +31,11 @@ def parse_args(argv=None):
     parser.add_argument("--method", default="lora-one", choices=["lora-one", "lora", "pissa", "lora-ga"])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                        help="comma-separated module names, or all-linear")
+    parser.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated module names, or all-linear",
+    )
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -64,49 +48,60 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model, params, tokenizer = lj.load_model(args.model)
-    task = lj.load_task(args.task, seed=args.seed)
+    model, params, tokenizer = load_model(args.model)
+    task = load_task(args.task, seed=args.seed)
     targets = "all-linear" if args.targets == "all-linear" else args.targets.split(",")
     config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets)
+    evaluator = Evaluator(model, tokenizer, config, max_len=args.max_len)
     results = {}
 
-    def held_out(adapters, label):
+    def held_out(base, adapters, label):
         if args.eval:
-            results[label] = lj.evaluate(model, params, adapters, task, config if adapters else None,
-                                         tokenizer=tokenizer, limit=args.eval, max_len=args.max_len)
+            results[label] = evaluator.evaluate(base, adapters, task, limit=args.eval)
             print(f"{label}: {results[label]}")
 
-    held_out(None, "base model")
+    held_out(params, None, "base model")
 
-    stream = lj.batches(task.train, tokenizer, args.batch_size, max_len=args.max_len, shuffle=True,
-                        seed=args.seed, epochs=None, drop_remainder=True)  # tokenized once, endless
+    stream = batches(
+        task.train,
+        tokenizer,
+        args.batch_size,
+        max_len=args.max_len,
+        shuffle=True,
+        seed=args.seed,
+        epochs=None,
+        drop_remainder=True,
+    )  # tokenized once, endless
 
     start = time.perf_counter()
     key = jax.random.key(args.seed)
     if args.method in ("lora-one", "lora-ga"):
-        grads = lj.estimate_gradient(full_loss_fn(model), params, list(itertools.islice(stream, args.grad_batches)), config)
+        grads = lj.estimate_gradient(
+            lj.full_loss_fn(model), params, list(itertools.islice(stream, args.grad_batches)), config
+        )
         base, adapters = lj.init_adapters(params, config, key=key, method=args.method, grads=grads)
     else:
         base, adapters = lj.init_adapters(params, config, key=key, method=args.method)
     optimizer = lj.lora_one(args.lr) if args.method == "lora-one" else optax.adamw(args.lr)
-    lora_loss = lora_loss_fn(model, config)
+    lora_loss = lj.lora_loss_fn(model, config)
 
-    @jax.jit
-    def train_step(adapters, opt_state, batch):
+    @jax.jit  # the frozen base is an argument: closed over, its weights would become XLA constants
+    def train_step(base, adapters, opt_state, batch):
         loss, grads = jax.value_and_grad(lora_loss, argnums=1)(base, adapters, batch)
         updates, opt_state = optimizer.update(grads, opt_state, adapters)
         return optax.apply_updates(adapters, updates), opt_state, loss
 
     opt_state = optimizer.init(adapters)
-    bar = tqdm(itertools.islice(stream, args.steps), total=args.steps, desc=f"train ({args.method})")
+    bar = progress_bar(itertools.islice(stream, args.steps), total=args.steps, desc=f"train ({args.method})")
     for batch in bar:
-        adapters, opt_state, loss = train_step(adapters, opt_state, batch)
+        adapters, opt_state, loss = train_step(base, adapters, opt_state, batch)
         bar.set_postfix(loss=f"{float(loss):.4f}")
-    print(f"init + {args.steps} steps in {time.perf_counter() - start:.0f}s; "
-          f"{sum(a['a'].size + a['b'].size for a in adapters.values()):,} trainable parameters")
+    print(
+        f"init + {args.steps} steps in {time.perf_counter() - start:.0f}s; "
+        f"{sum(a['a'].size + a['b'].size for a in adapters.values()):,} trainable parameters"
+    )
     # PiSSA / LoRA-GA moved part of W into the adapters: evaluate on the base they were trained with.
-    params = base
-    held_out(adapters, f"after {args.method}")
+    held_out(base, adapters, f"after {args.method}")
     return results
 
 

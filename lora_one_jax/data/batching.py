@@ -7,7 +7,7 @@ answer boundary is exact). A batch is a dict of numpy arrays, all of shape ``(ba
 * ``attention_mask`` (int32): 1 on real tokens;
 * ``loss_mask`` (float32): 1 on the tokens the model must predict, i.e. the answer and eos;
   0 on the prompt and on padding. Token ``t`` is predicted from the logits at ``t - 1``
-  (``token_logprobs`` does the shift);
+  (``lora_one_jax.causal_lm_loss`` does the shift);
 * ``position_ids`` (int32): ``0, 1, 2, ...`` on real tokens (padding repeats the last position).
 
 ``length`` is the smallest of a few bucket lengths (powers of two up to ``max_len``) that fits the
@@ -16,7 +16,7 @@ shapes, not one per batch. Examples longer than ``max_len`` are truncated (the p
 the left so the answer survives) and a ``TruncationWarning`` says how many.
 
 Example:
-    >>> from lora_one_jax.tokenizer import toy_tokenizer
+    >>> from lora_one_jax.models.tokenizer import toy_tokenizer
     >>> tok = toy_tokenizer()
     >>> batch = pad_batch([encode(tok, "2+2=", " 4")], pad_id=tok.pad_token_id, buckets=(8,))
     >>> tok.convert_ids_to_tokens(batch["input_ids"][0])
@@ -28,11 +28,9 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -60,7 +58,7 @@ def encode(tokenizer, prompt: str, answer: str, *, add_eos: bool = True) -> dict
     """``{"input_ids": prompt_ids + answer_ids (+ eos), "prompt_len": len(prompt_ids)}`` (no bos added).
 
     Example:
-        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> from lora_one_jax.models.tokenizer import toy_tokenizer
         >>> tok = toy_tokenizer()
         >>> row = encode(tok, "Q:", " A")
         >>> tok.convert_ids_to_tokens(row["input_ids"]), row["prompt_len"]
@@ -83,7 +81,7 @@ def pad_id_of(tokenizer) -> int:
     """The id used for padding: pad, else eos, else 0.
 
     Example:
-        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> from lora_one_jax.models.tokenizer import toy_tokenizer
         >>> pad_id_of(toy_tokenizer())
         2
     """
@@ -110,18 +108,19 @@ def truncate(ids: Sequence[int], prompt_len: int, max_len: int) -> tuple[list[in
     if len(answer) >= max_len:
         keep = prompt[-1:]
         return keep + answer[: max_len - len(keep)], len(keep)
-    keep = prompt[len(prompt) - (max_len - len(answer)):]
+    keep = prompt[len(prompt) - (max_len - len(answer)) :]
     return keep + answer, len(keep)
 
 
-def tokenize(ds: datasets.Dataset, tokenizer, *, max_len: int = 512, add_eos: bool = True,
-             answer_column: str = "answer") -> datasets.Dataset:
+def tokenize(
+    ds: datasets.Dataset, tokenizer, *, max_len: int = 512, add_eos: bool = True, answer_column: str = "answer"
+) -> datasets.Dataset:
     """Add ``input_ids`` and ``prompt_len`` columns (prompt + answer (+ eos), truncated to ``max_len``).
 
     Warns once (``TruncationWarning``) with the number of truncated examples.
 
     Example:
-        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> from lora_one_jax.models.tokenizer import toy_tokenizer
         >>> ds = datasets.Dataset.from_list([{"prompt": "Q:", "answer": " yes"}])
         >>> tokenize(ds, toy_tokenizer())[0]["prompt_len"]
         2
@@ -148,9 +147,12 @@ def tokenize(ds: datasets.Dataset, tokenizer, *, max_len: int = 512, add_eos: bo
             datasets.enable_progress_bars()
     n = int(np.sum(out["truncated"]))
     if n:
-        warnings.warn(f"{n} of {len(out)} examples were longer than max_len={max_len} tokens and were truncated "
-                      "(prompt cut from the left, the answer kept); raise max_len to keep them whole",
-                      TruncationWarning, stacklevel=2)
+        warnings.warn(
+            f"{n} of {len(out)} examples were longer than max_len={max_len} tokens and were truncated "
+            "(prompt cut from the left, the answer kept); raise max_len to keep them whole",
+            TruncationWarning,
+            stacklevel=2,
+        )
     return out.remove_columns("truncated")
 
 
@@ -161,8 +163,9 @@ def _bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a sequence of {length} tokens does not fit the largest bucket {max(buckets)}; truncate first")
 
 
-def pad_batch(rows: Sequence[dict], *, pad_id: int, buckets: Sequence[int] | None = None,
-              batch_size: int | None = None) -> dict[str, np.ndarray]:
+def pad_batch(
+    rows: Sequence[dict], *, pad_id: int, buckets: Sequence[int] | None = None, batch_size: int | None = None
+) -> dict[str, np.ndarray]:
     """Right-pad tokenized rows (``input_ids`` + ``prompt_len``) into one fixed-shape batch.
 
     The length is the smallest bucket that fits (``buckets=None``: the longest row); ``batch_size``
@@ -187,14 +190,24 @@ def pad_batch(rows: Sequence[dict], *, pad_id: int, buckets: Sequence[int] | Non
         k = len(r["input_ids"])
         ids[i, :k] = r["input_ids"]
         attention[i, :k] = 1
-        loss[i, r["prompt_len"]:k] = 1.0
+        loss[i, r["prompt_len"] : k] = 1.0
     positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "position_ids": positions}
 
 
-def batches(ds: datasets.Dataset, tokenizer, batch_size: int, *, max_len: int = 512, buckets: Sequence[int] | None = None,
-            shuffle: bool = False, seed: int = 0, epochs: int | None = 1, drop_remainder: bool = False,
-            add_eos: bool = True) -> Iterator[dict[str, np.ndarray]]:
+def batches(
+    ds: datasets.Dataset,
+    tokenizer,
+    batch_size: int,
+    *,
+    max_len: int = 512,
+    buckets: Sequence[int] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epochs: int | None = 1,
+    drop_remainder: bool = False,
+    add_eos: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-shape training/eval batches of a prompt/answer ``Dataset`` (see module doc).
 
     ``buckets`` defaults to ``bucket_lengths(max_len)``; ``shuffle`` reshuffles every epoch
@@ -202,59 +215,34 @@ def batches(ds: datasets.Dataset, tokenizer, batch_size: int, *, max_len: int = 
     rows unless ``drop_remainder``.
 
     Example:
-        >>> from lora_one_jax.tokenizer import toy_tokenizer
+        >>> from lora_one_jax.models.tokenizer import toy_tokenizer
         >>> ds = datasets.Dataset.from_list([{"prompt": "Q: 1+1", "answer": " 2"}] * 3)
         >>> [b["input_ids"].shape for b in batches(ds, toy_tokenizer(), 2, max_len=64)]
         [(2, 16), (2, 16)]
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not len(ds):
+        raise ValueError("the dataset is empty: there is nothing to batch (check the task's split and any filtering)")
+    if drop_remainder and len(ds) < batch_size:
+        raise ValueError(
+            f"drop_remainder=True with {len(ds)} examples and batch_size={batch_size} gives no batch; "
+            "lower batch_size or set drop_remainder=False"
+        )
     buckets = tuple(buckets) if buckets is not None else bucket_lengths(max_len)
     if max(buckets) > max_len:
         raise ValueError(f"buckets {buckets} exceed max_len={max_len}")
     data = tokenize(ds, tokenizer, max_len=max_len, add_eos=add_eos)
-    ids, prompt_lens = list(data["input_ids"]), list(data["prompt_len"])
-    pad = pad_id_of(tokenizer)
+    rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
+    return _stream(rows, pad_id_of(tokenizer), batch_size, buckets, shuffle, seed, epochs, drop_remainder)
+
+
+def _stream(rows, pad, batch_size, buckets, shuffle, seed, epochs, drop_remainder):
     epoch = 0
     while epochs is None or epoch < epochs:
-        order = np.random.default_rng(seed + epoch).permutation(len(ids)) if shuffle else np.arange(len(ids))
+        order = np.random.default_rng(seed + epoch).permutation(len(rows)) if shuffle else np.arange(len(rows))
         stop = len(order) - (len(order) % batch_size if drop_remainder else 0)
         for start in range(0, stop, batch_size):
-            rows = [{"input_ids": ids[i], "prompt_len": prompt_lens[i]} for i in order[start:start + batch_size]]
-            yield pad_batch(rows, pad_id=pad, buckets=buckets, batch_size=batch_size)
+            chunk = [rows[i] for i in order[start : start + batch_size]]
+            yield pad_batch(chunk, pad_id=pad, buckets=buckets, batch_size=batch_size)
         epoch += 1
-
-
-def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """``log p(input_ids[:, t] | input_ids[:, :t])`` for ``t >= 1`` (float32); 0 at ``t = 0``.
-
-    Example:
-        >>> logits = jnp.zeros((1, 3, 4))  # uniform over 4 tokens
-        >>> [[round(float(x), 4) for x in row] for row in token_logprobs(logits, jnp.array([[0, 1, 2]]))]
-        [[0.0, -1.3863, -1.3863]]
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
-    out = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(out, ((0, 0), (1, 0)))
-
-
-def sequence_logprob(logits: jax.Array, batch) -> jax.Array:
-    """Per-row sum of log-probabilities of the ``loss_mask`` tokens, shape (batch,).
-
-    Example:
-        >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
-        >>> [round(float(x), 4) for x in sequence_logprob(jnp.zeros((1, 3, 4)), b)]  # 2 * log(1/4)
-        [-2.7726]
-    """
-    return (token_logprobs(logits, batch["input_ids"]) * batch["loss_mask"]).sum(-1)
-
-
-def causal_lm_loss(logits: jax.Array, batch) -> jax.Array:
-    """Mean negative log-likelihood per ``loss_mask`` token (the fine-tuning loss); 0 for an empty mask.
-
-    Example:
-        >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
-        >>> round(float(causal_lm_loss(jnp.zeros((1, 3, 4)), b)), 4)  # log 4
-        1.3863
-    """
-    mask = batch["loss_mask"]
-    return -(token_logprobs(logits, batch["input_ids"]) * mask).sum() / jnp.maximum(mask.sum(), 1.0)

@@ -20,13 +20,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 _LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -43,10 +44,12 @@ def pre_tokenizer(name: str):
     if name in ("gpt-2", "gpt2", "default"):
         return byte_level
     if name == "llama-bpe":
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     raise ValueError(
         f"pre-tokenizer {name!r} is not supported (known: 'smollm', 'gpt-2', 'default', 'llama-bpe'); "
         "load the model's tokenizer yourself and pass it as load_model(..., tokenizer=...)"
@@ -84,8 +87,13 @@ def bpe_tokenizer(
     if len(vocab) != len(tokens):
         raise ValueError("the token list has duplicate entries; each token string must appear once")
     pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
-    model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                       unk_token=tokens[unk_id] if unk_id is not None else None)
+    model = models.BPE(
+        vocab=vocab,
+        merges=pairs,
+        fuse_unk=False,
+        byte_fallback=False,
+        unk_token=tokens[unk_id] if unk_id is not None else None,
+    )
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
@@ -94,20 +102,28 @@ def bpe_tokenizer(
         if bos_id is None:
             raise ValueError("add_bos=True needs bos_id")
         bos = tokens[bos_id]
-        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]))
+        post.append(
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        )
     tok.post_processor = processors.Sequence(post)
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-    name = lambda i: tokens[i] if i is not None else None  # noqa: E731
+    name = lambda i: tokens[i] if i is not None else None
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=name(bos_id), eos_token=name(eos_id), pad_token=name(pad_id),
-        unk_token=name(unk_id), chat_template=chat_template, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=name(bos_id),
+        eos_token=name(eos_id),
+        pad_token=name(pad_id),
+        unk_token=name(unk_id),
+        chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
     )
     return wrapped
 
 
 _TOY_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _TOY_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -124,5 +140,13 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
         (260, 1, 2, 2)
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    return bpe_tokenizer(_TOY_SPECIAL + alphabet + ["ĠĠ"], ["Ġ Ġ"], pre="smollm", special=[0, 1, 2], bos_id=1, eos_id=2, pad_id=2,
-                         chat_template=_TOY_TEMPLATE)
+    return bpe_tokenizer(
+        _TOY_SPECIAL + alphabet + ["ĠĠ"],
+        ["Ġ Ġ"],
+        pre="smollm",
+        special=[0, 1, 2],
+        bos_id=1,
+        eos_id=2,
+        pad_id=2,
+        chat_template=_TOY_TEMPLATE,
+    )

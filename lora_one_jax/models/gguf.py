@@ -10,8 +10,8 @@ conventions):
 * tied embeddings (no ``output.weight``): ``lm_head`` = embedding transposed, because FlaxLlama
   does not tie them itself;
 * ``rope_theta`` comes from ``llama.rope.freq_base`` (SmolLM2: 100000), which FlaxLlama honours
-  thanks to ``lora_one_jax.compat``;
-* the tokenizer is rebuilt from ``tokenizer.ggml.*`` (byte-level BPE, see ``lora_one_jax.tokenizer``)
+  thanks to ``lora_one_jax.models.compat``;
+* the tokenizer is rebuilt from ``tokenizer.ggml.*`` (byte-level BPE, see ``lora_one_jax.models.tokenizer``)
   with its special tokens and chat template.
 
 Example:
@@ -26,8 +26,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from lora_one_jax.compat import patch_transformers
-from lora_one_jax.tokenizer import bpe_tokenizer
+from lora_one_jax.models.compat import patch_transformers
+from lora_one_jax.models.tokenizer import bpe_tokenizer
 
 _LAYER_NAMES = {
     "attn_norm.weight": ("input_layernorm", "weight"),
@@ -86,7 +86,7 @@ def gguf_tokenizer(source):
     as a ``PreTrainedTokenizerFast``. ``source``: a path, a ``gguf.GGUFReader`` or its metadata.
 
     Example:
-        >>> from lora_one_jax.assets import asset_path
+        >>> from lora_one_jax.models.assets import asset_path
         >>> tok = gguf_tokenizer(asset_path("smollm2"))  # doctest: +SKIP
         >>> tok.convert_ids_to_tokens(tok("in 2024").input_ids)  # doctest: +SKIP
         ['in', 'Ġ', '2', '0', '2', '4']
@@ -104,7 +104,7 @@ def gguf_tokenizer(source):
         )
     tokens = meta.require("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
+    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
     return bpe_tokenizer(
         tokens,
         meta.require("tokenizer.ggml.merges"),
@@ -130,13 +130,17 @@ def _llama_config(meta: _Metadata, tied: bool):
         )
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise NotImplementedError(f"rope scaling {scaling!r} is not supported by FlaxLlama; only plain rotary embeddings")
+        raise NotImplementedError(
+            f"rope scaling {scaling!r} is not supported by FlaxLlama; only plain rotary embeddings"
+        )
     hidden, heads = int(meta.require("llama.embedding_length")), int(meta.require("llama.attention.head_count"))
     rope_dim = meta.get("llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != hidden // heads:
-        raise NotImplementedError(f"rope dimension {rope_dim} != head dim {hidden // heads}: partial rotary is not supported")
+        raise NotImplementedError(
+            f"rope dimension {rope_dim} != head dim {hidden // heads}: partial rotary is not supported"
+        )
     vocab = meta.get("llama.vocab_size") or len(meta.require("tokenizer.ggml.tokens"))
-    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
+    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -161,7 +165,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
     ``tokenizer`` to skip rebuilding it from the file.
 
     Example:
-        >>> from lora_one_jax.assets import asset_path
+        >>> from lora_one_jax.models.assets import asset_path
         >>> model, params, tok = load_gguf(asset_path("smollm2"))  # doctest: +SKIP
         >>> model.config.rope_theta  # doctest: +SKIP
         100000.0
@@ -182,7 +186,9 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
     params: dict = {"model": {"layers": {}}}
     layer_re = re.compile(r"blk\.(\d+)\.(.+)")
     for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(list(reversed(t.shape.tolist())))
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+            list(reversed(t.shape.tolist()))
+        )
         m = layer_re.fullmatch(t.name)
         if t.name == "token_embd.weight":
             params["model"]["embed_tokens"] = {"embedding": w}
@@ -201,8 +207,10 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
                 node = node.setdefault(part, {})
             node[leaf] = w.T if leaf == "kernel" else w
         else:
-            raise NotImplementedError(f"GGUF tensor {t.name!r} has no FlaxLlama counterpart (biases, rope_freqs, "
-                                      "MoE and other variants are not supported)")
+            raise NotImplementedError(
+                f"GGUF tensor {t.name!r} has no FlaxLlama counterpart (biases, rope_freqs, "
+                "MoE and other variants are not supported)"
+            )
     if "lm_head" not in params:
         params["lm_head"] = {"kernel": params["model"]["embed_tokens"]["embedding"].T}
     missing = [str(i) for i in range(config.num_hidden_layers) if len(params["model"]["layers"].get(str(i), {})) != 4]

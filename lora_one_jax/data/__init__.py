@@ -1,0 +1,37 @@
+"""Tasks (train / held-out splits of prompt-answer examples) and fixed-shape batches for causal LMs.
+
+Example:
+    >>> from lora_one_jax.data import load_task, batches  # doctest: +SKIP
+    >>> task = load_task("asdiv")  # doctest: +SKIP
+"""
+
+from lora_one_jax.data.batching import (
+    TruncationWarning,
+    batches,
+    bucket_lengths,
+    encode,
+    pad_batch,
+    pad_id_of,
+    tokenize,
+    truncate,
+)
+from lora_one_jax.data.tasks import COLUMNS, KINDS, TASKS, DataError, Task, from_records, load_task, read_jsonl
+
+__all__ = [
+    "COLUMNS",
+    "DataError",
+    "KINDS",
+    "TASKS",
+    "Task",
+    "TruncationWarning",
+    "batches",
+    "bucket_lengths",
+    "encode",
+    "from_records",
+    "load_task",
+    "pad_batch",
+    "pad_id_of",
+    "read_jsonl",
+    "tokenize",
+    "truncate",
+]

@@ -1,0 +1,45 @@
+"""The model zoo: pretrained models fetched offline, loaders, tokenizers and the Hugging Face fixes.
+
+Importing this package applies ``lora_one_jax.models.compat.patch_transformers()`` (HF Flax fixes).
+
+Example:
+    >>> from lora_one_jax.models import load_model
+    >>> model, params, tok = load_model("toy-llama")
+    >>> type(model).__name__
+    'FlaxLlamaForCausalLM'
+"""
+
+from lora_one_jax.models.assets import ASSETS, AssetError, asset_path, cache_dir, fetch_asset
+from lora_one_jax.models.compat import patch_transformers
+from lora_one_jax.models.gguf import load_gguf
+from lora_one_jax.models.loaders import (
+    KNOWN_MODELS,
+    LoadedModel,
+    cast_params,
+    load_hf,
+    load_model,
+    merge_safetensors_shards,
+    toy_llama,
+)
+from lora_one_jax.models.tokenizer import bpe_tokenizer, toy_tokenizer
+
+patch_transformers()
+
+__all__ = [
+    "ASSETS",
+    "AssetError",
+    "KNOWN_MODELS",
+    "LoadedModel",
+    "asset_path",
+    "bpe_tokenizer",
+    "cache_dir",
+    "cast_params",
+    "fetch_asset",
+    "load_gguf",
+    "load_hf",
+    "load_model",
+    "merge_safetensors_shards",
+    "patch_transformers",
+    "toy_llama",
+    "toy_tokenizer",
+]
