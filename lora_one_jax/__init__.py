@@ -10,7 +10,15 @@ Example:
 """
 
 from lora_one_jax._hf import apply_hf_fixes as _apply_hf_fixes
-from lora_one_jax.adapters import check_adapters, init_adapters, lora_init, merge, unmerge
+from lora_one_jax.adapters import (
+    check_adapters,
+    init_adapters,
+    lora_init,
+    merge,
+    stack_adapters,
+    unmerge,
+    unstack_adapters,
+)
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
 from lora_one_jax.diagnostics import alignment, subspace_angles
 from lora_one_jax.gradient import estimate_gradient
@@ -35,7 +43,9 @@ __all__ = [
     "lora_init",
     "matches",
     "merge",
+    "stack_adapters",
     "unmerge",
+    "unstack_adapters",
     "with_lora",
     # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",

@@ -217,3 +217,50 @@ def unmerge(params, adapters: Adapters, config: LoraConfig):
         [[0.0, 0.0], [0.0, 0.0]]
     """
     return _shift_kernels(params, adapters, config, -1.0)
+
+
+#: ``((group name, (module path, ...)), ...)``: how ``stack_adapters`` grouped the modules (static).
+Layout = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def stack_adapters(adapters: Adapters) -> tuple[dict[str, dict[str, jax.Array]], Layout]:
+    """Adapters of equal shape and dtype stacked along a new leading axis, and the layout to undo it.
+
+    Returns ``({group: {"a": (n, d_in, r), "b": (n, r, d_out)}}, layout)``. Training on the stacked form
+    gives the optimizer a handful of leaves (one per shape: 7 for a Llama's projections) instead of two per
+    module (420 for SmolLM2's 210 adapters): the compiled step is smaller and compiles faster, and
+    ``lora_one_precond`` works on each stack at once. ``unstack_adapters(stacked, layout)`` inverts it,
+    inside or outside ``jax.jit`` (the transpose of an unstack is a stack, so gradients flow back).
+
+    Example:
+        >>> ad = {f"l{i}/q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))} for i in range(3)}
+        >>> stacked, layout = stack_adapters(ad)
+        >>> {g: x["a"].shape for g, x in stacked.items()}, layout
+        ({'4x2x3/float32': (3, 4, 2)}, (('4x2x3/float32', ('l0/q', 'l1/q', 'l2/q')),))
+        >>> unstack_adapters(stacked, layout).keys() == ad.keys()
+        True
+    """
+    groups: dict[str, list[str]] = {}
+    for path in sorted(adapters):
+        a, b = adapters[path]["a"], adapters[path]["b"]
+        groups.setdefault(f"{a.shape[0]}x{a.shape[1]}x{b.shape[1]}/{jnp.dtype(a.dtype).name}", []).append(path)
+    stacked = {
+        group: {name: jnp.stack([jnp.asarray(adapters[p][name]) for p in paths]) for name in ("a", "b")}
+        for group, paths in groups.items()
+    }
+    return stacked, tuple((group, tuple(paths)) for group, paths in groups.items())
+
+
+def unstack_adapters(stacked: dict[str, dict[str, jax.Array]], layout: Layout) -> Adapters:
+    """Inverse of ``stack_adapters``: ``{module_path: {"a", "b"}}`` in the original order of paths.
+
+    Example:
+        >>> stacked = {"g": {"a": jnp.zeros((2, 4, 1)), "b": jnp.zeros((2, 1, 3))}}
+        >>> unstack_adapters(stacked, (("g", ("x", "y")),))["y"]["b"].shape
+        (1, 3)
+    """
+    out: Adapters = {}
+    for group, paths in layout:
+        a, b = jnp.unstack(stacked[group]["a"]), jnp.unstack(stacked[group]["b"])
+        out.update({p: {"a": a[i], "b": b[i]} for i, p in enumerate(paths)})
+    return {p: out[p] for p in sorted(out)}

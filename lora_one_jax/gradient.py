@@ -1,11 +1,16 @@
 """The full fine-tuning gradient of the targeted kernels, estimated over a few micro-batches.
 
 What is averaged, exactly (as the official LoRA-One code does): ``loss_fn(params, batch)`` returns
-the loss of one micro-batch, normally the mean over its tokens; ``estimate_gradient`` differentiates
-it, and returns the plain mean of those per-micro-batch gradients over the micro-batches. For
-equal-sized micro-batches (and a loss that is a mean over equally many tokens in each) this equals the
-gradient of the mean loss over the concatenated batch; otherwise every micro-batch weighs the same,
-whatever its number of tokens.
+the loss of one micro-batch, normally the mean over its tokens; ``estimate_gradient`` returns the plain
+mean of the per-micro-batch gradients. For equal-sized micro-batches (and a loss that is a mean over
+equally many tokens in each) this equals the gradient of the mean loss over the concatenated batch;
+otherwise every micro-batch weighs the same, whatever its number of tokens (the official recipe's 8
+one-example micro-batches weigh every example equally).
+
+How it is computed: micro-batches are padded to one shape and stacked, ``micro_batches_per_step`` at a
+time, and one jitted step differentiates the weighted sum of their losses (``jax.vmap`` over the stack)
+w.r.t. the targeted kernels only. So 8 one-example micro-batches cost one forward/backward pass of a
+batch of 8, compiled once, instead of 8 small passes each compiled for its own length.
 
 Example:
     >>> params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
@@ -18,7 +23,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -30,38 +36,92 @@ from lora_one_jax._hf import apply_hf_fixes
 from lora_one_jax.config import LoraConfig, find_targets, kernel_key
 from lora_one_jax.progress import progress_bar
 
+#: Batch keys whose zeros make padding exact: a padded position is neither attended to nor scored.
+MASK_KEYS = ("attention_mask", "loss_mask")
 
-def _make_step(loss_fn: Callable, keys: dict[str, str], order: list[str]):
-    """One jitted step: accumulate the float32 gradient of the targeted kernels, flag non-finite ones."""
 
-    def step(acc, kernels, rest, batch):
-        def loss_of(kernels):
-            flat = dict(rest)
-            flat.update({keys[p]: k for p, k in kernels.items()})
-            return loss_fn(traverse_util.unflatten_dict(flat, sep="/"), batch)
+def pad_micro_batches(batches: list) -> list:
+    """Micro-batches brought to one shape so that they stack (and compile once).
 
-        grads = jax.grad(loss_of)(kernels)
-        grads = {p: g.astype(jnp.float32) for p, g in grads.items()}
-        finite = jnp.stack([jnp.isfinite(grads[p]).all() for p in order])
-        return {p: acc[p] + grads[p] for p in acc}, finite
+    Micro-batches that are dicts holding a mask (``attention_mask`` or ``loss_mask``, as
+    ``lora_one_jax.data.batches`` makes them) have every array padded with zeros at the end of its first
+    two axes (rows, then positions) to the largest size among the micro-batches. Zero masks keep the loss
+    exactly what it was: padded rows and positions are neither attended to nor scored, and a causal
+    model's real positions never see later ones. Micro-batches without masks are returned unchanged.
 
-    return jax.jit(step, donate_argnums=0)
+    Example:
+        >>> a = {"input_ids": np.ones((1, 3), np.int32), "attention_mask": np.ones((1, 3), np.int32)}
+        >>> b = {"input_ids": np.ones((2, 5), np.int32), "attention_mask": np.ones((2, 5), np.int32)}
+        >>> [x["attention_mask"].tolist() for x in pad_micro_batches([a, b])]
+        [[[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]]
+    """
+    shapes = [jax.tree.map(np.shape, b) for b in batches]
+    structures = {jax.tree.structure(b) for b in batches}
+    if len(structures) > 1:
+        raise ValueError(
+            f"micro-batches differ in structure ({len(structures)} different pytrees); give them all the same keys"
+        )
+    if all(s == shapes[0] for s in shapes[1:]):
+        return batches
+    if not all(isinstance(b, Mapping) and any(k in b for k in MASK_KEYS) for b in batches):
+        return batches  # nothing makes padding exact: estimate_gradient groups them by shape instead
+    leaves = [jax.tree.leaves(b) for b in batches]
+    target = []
+    for column in zip(*leaves):
+        dims = {np.ndim(x) for x in column}
+        if len(dims) > 1:
+            raise ValueError(f"micro-batch arrays of different ranks {sorted(dims)} cannot be padded to one shape")
+        target.append(tuple(max(np.shape(x)[d] for x in column) for d in range(dims.pop())))
+
+    def pad(x, shape):
+        x = np.asarray(x)
+        widths = [(0, shape[d] - x.shape[d]) if d < 2 else (0, 0) for d in range(x.ndim)]
+        if any(x.shape[d] != shape[d] for d in range(2, x.ndim)):
+            raise ValueError(f"micro-batch arrays differ beyond their first two axes: {x.shape} vs {shape}")
+        return np.pad(x, widths)
+
+    treedef = jax.tree.structure(batches[0])
+    return [jax.tree.unflatten(treedef, [pad(x, s) for x, s in zip(ls, target)]) for ls in leaves]
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "keys"), donate_argnums=0)
+def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys):
+    """Add the gradient of ``sum_j weights[j] * loss_fn(params, micro-batch j)`` w.r.t. the targeted kernels
+    to the float32 sums ``acc``; also say which modules' gradients and which losses are finite. Module
+    level with ``loss_fn`` static, so repeated estimates with the same loss function compile once."""
+
+    def loss_of(kernels):
+        flat = dict(rest)
+        flat.update({key: kernels[path] for path, key in keys})
+        params = traverse_util.unflatten_dict(flat, sep="/")
+        losses = jax.vmap(lambda batch: loss_fn(params, batch))(stacked)
+        return jnp.sum(weights * losses.astype(jnp.float32)), losses
+
+    grads, losses = jax.grad(loss_of, has_aux=True)(kernels)
+    finite = jnp.stack([jnp.isfinite(grads[path]).all() for path, _ in keys])
+    return {p: acc[p] + grads[p].astype(jnp.float32) for p in acc}, finite, jnp.isfinite(losses)
 
 
 def estimate_gradient(
-    loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable, config: LoraConfig, *, progress: bool = True
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
+    batches: Iterable,
+    config: LoraConfig,
+    *,
+    micro_batches_per_step: int = 8,
+    progress: bool = True,
 ) -> dict[str, jax.Array]:
     """Mean gradient of ``loss_fn`` w.r.t. every kernel ``config`` targets: ``{module_path: G (d_in, d_out)}``.
 
-    ``loss_fn(params, batch)`` returns a scalar (the mean loss of a micro-batch); ``batches`` is any
-    iterable of pytrees. Only the targeted kernels are differentiated (embeddings, norms, heads and
-    other leaves are passed in as constants); one jitted step is compiled and reused for every
-    micro-batch (give them equal shapes, e.g. pad, or each new shape compiles again), and the float32
-    running sum is the only buffer kept besides one micro-batch's activations. The result is the sum
-    divided by the number of micro-batches (see the module doc for what exactly is averaged), in
-    float32 and Flax orientation: kernels listed in ``config.transposed_kernels`` (stored (d_out, d_in))
-    get their gradient transposed to (d_in, d_out). A NaN or Inf gradient raises ``FloatingPointError``
-    naming the module and the micro-batch index. ``progress`` shows a tqdm bar.
+    ``loss_fn(params, batch)`` returns a scalar (the mean loss of a micro-batch); ``batches`` is an
+    iterable of micro-batches (pytrees). Micro-batches of different lengths are padded to one shape
+    (``pad_micro_batches``: exact for masked batches), then ``micro_batches_per_step`` of them go
+    through one jitted, ``jax.vmap``-ed forward/backward (lower it if a step runs out of memory; the
+    last step is filled with zero-weight copies, so one shape is compiled). Only the targeted kernels
+    are differentiated; the float32 running sum is the only buffer kept besides one step's activations.
+    The result is in float32 and Flax orientation: kernels listed in ``config.transposed_kernels``
+    (stored (d_out, d_in)) get their gradient transposed to (d_in, d_out). A NaN or Inf raises
+    ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar.
 
     Example:
         >>> params = {"fc": {"kernel": jnp.ones((3, 2))}}
@@ -70,35 +130,57 @@ def estimate_gradient(
         >>> g["fc"].shape, g["fc"].dtype
         ((3, 2), dtype('float32'))
     """
+    if (
+        isinstance(micro_batches_per_step, bool)
+        or not isinstance(micro_batches_per_step, int)
+        or micro_batches_per_step < 1
+    ):
+        raise ValueError(f"micro_batches_per_step must be a positive integer, got {micro_batches_per_step!r}")
     apply_hf_fixes()
     targets = find_targets(params, config)
+    batches = pad_micro_batches(list(batches))
+    if not batches:
+        raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
     keys = {p: kernel_key(p) for p in targets}
     flat = traverse_util.flatten_dict(params, sep="/")
     kernels = {p: flat[k] for p, k in keys.items()}
     kernel_keys = set(keys.values())
     rest = {k: v for k, v in flat.items() if k not in kernel_keys}
     order = sorted(targets)
-    step = _make_step(loss_fn, keys, order)
-    acc = {p: jnp.zeros(jnp.shape(k), jnp.float32) for p, k in kernels.items()}
+    step = partial(_accumulate, loss_fn=loss_fn, keys=tuple((p, keys[p]) for p in order))
+    acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
+    n = len(batches)
 
-    def check(finite, index):
-        finite = np.asarray(finite)
-        if not finite.all():
-            bad = [order[i] for i in np.flatnonzero(~finite)]
-            raise FloatingPointError(
-                f"non-finite (NaN/Inf) gradient for module {bad[0]!r} in micro-batch {index}"
-                + (f" (also {bad[1:6]})" if len(bad) > 1 else "")
-                + "; check that batch's data and the loss (e.g. divisions by a zero token count)"
-            )
+    def check(finite, finite_losses, members):
+        finite, finite_losses = np.asarray(finite), np.asarray(finite_losses)[: len(members)]
+        if finite.all() and finite_losses.all():
+            return
+        bad_batches = [members[j] for j in np.flatnonzero(~finite_losses)]
+        where = f"micro-batch {bad_batches[0]}" if bad_batches else f"micro-batches {members}"
+        bad = [order[i] for i in np.flatnonzero(~finite)] or order
+        raise FloatingPointError(
+            f"non-finite (NaN/Inf) gradient for module {bad[0]!r} in {where}"
+            + (f" (also {bad[1:6]})" if len(bad) > 1 else "")
+            + "; check that batch's data and the loss (e.g. divisions by a zero token count)"
+        )
 
-    total = len(batches) if hasattr(batches, "__len__") else None
-    n, pending = 0, None
-    for batch in progress_bar(batches, total=total, desc="gradient estimate", unit="batch", enabled=progress):
-        acc, finite = step(acc, kernels, rest, batch)
-        if pending is not None:  # check the previous step while this one runs
-            check(*pending)
-        pending, n = (finite, n), n + 1
-    if pending is None:
-        raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
+    by_shape: dict[Any, list[int]] = {}  # unpadded micro-batches of different shapes: one compile per shape
+    for i, b in enumerate(batches):
+        by_shape.setdefault(str(jax.tree.map(np.shape, b)), []).append(i)
+    pending = None
+    bar = progress_bar(total=n, desc="gradient estimate", unit="micro-batch", enabled=progress)
+    for indices in by_shape.values():
+        chunk = min(micro_batches_per_step, len(indices))
+        for start in range(0, len(indices), chunk):
+            members = indices[start : start + chunk]
+            fill = members + [members[0]] * (chunk - len(members))  # zero-weight copies keep one compiled shape
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *[batches[i] for i in fill])
+            weights = np.array([1.0 / n] * len(members) + [0.0] * (chunk - len(members)), np.float32)
+            acc, finite, finite_losses = step(acc, kernels, rest, stacked, weights)
+            if pending is not None:  # check the previous step while this one runs
+                check(*pending)
+            pending = (finite, finite_losses, members)
+            bar.update(len(members))
+    bar.close()
     check(*pending)
-    return {p: (acc[p] / n).T if targets[p].transposed else acc[p] / n for p in order}
+    return {p: acc[p].T if targets[p].transposed else acc[p] for p in order}

@@ -42,59 +42,97 @@ def _matrices(mats: Mapping[str, jax.Array], what: str) -> dict[str, jax.Array]:
     return out
 
 
-@partial(jax.jit, static_argnames=("rank", "method", "negate"))
-def _stacked_svd(x, key, *, rank, method, negate=False):
-    x = -x.astype(jnp.float32) if negate else x.astype(jnp.float32)
-    u, s, v = top_svd(x, rank, method=method, key=key)
-    peak = jnp.max(jnp.abs(x), axis=(-2, -1))
-    ok = jnp.isfinite(s).all(-1) & jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(v).all((-2, -1))
-    return u, s, v, peak, ok
+def _plan(mats: dict[str, jax.Array], ranks: dict[str, int], what: str, factor: int = 1) -> tuple:
+    """Groups of equal (shape up to a transpose, rank) as a static ``((rank, (path, ...), (transposed, ...)), ...)``.
 
-
-def _grouped_svd(
-    mats: dict[str, jax.Array], ranks: dict[str, int], *, method: str, key, what: str, negate: bool = False
-):
-    """``[(paths, u, s, v)]`` per group of equal (shape, rank): each matrix's SVD (negated if ``negate``), checked."""
+    A matrix taller than wide is taken transposed (its SVD swaps u and v), so (d, k) and (k, d) matrices
+    (e.g. a Llama's down_proj and up_proj) share one stack and one compiled program. Too-small matrices raise.
+    """
     groups: dict[tuple, list[str]] = {}
     for path, m in mats.items():
         rank = ranks[path]
-        if rank > min(m.shape):
+        if factor * rank > min(m.shape):
+            need = f"{factor} * rank = {factor * rank}" if factor > 1 else f"{rank} singular triplets"
             raise ValueError(
-                f"{what} of {path!r} has shape {tuple(m.shape)}, too small for {rank} singular triplets; "
+                f"{what} of {path!r} has shape {tuple(m.shape)}, too small for {need}; "
                 "lower the rank for this module (LoraConfig.rank or rank_pattern)"
             )
-        groups.setdefault((tuple(m.shape), rank), []).append(path)
-    key = jax.random.key(0) if key is None else key
-    results = []  # dispatch every group first (asynchronously), then check them
-    for i, ((_, rank), paths) in enumerate(sorted(groups.items())):
-        stack = jnp.stack([jnp.asarray(mats[p], jnp.float32) for p in paths])
-        results.append(
-            (paths, _stacked_svd(stack, jax.random.fold_in(key, i), rank=rank, method=method, negate=negate))
+        groups.setdefault((min(m.shape), max(m.shape), rank), []).append(path)
+    return tuple(
+        (rank, tuple(paths), tuple(bool(mats[p].shape[0] > mats[p].shape[1]) for p in paths))
+        for (_, _, rank), paths in sorted(groups.items())
+    )
+
+
+@partial(jax.jit, static_argnames=("index", "rank", "transposed", "method", "kind", "gamma", "dtype", "tol"))
+def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamma, dtype, tol):
+    """One group's stacked SVD and adapter factors in one compiled program.
+
+    ``kind``: ``"lora-one"`` (balanced factors of -G scaled by 1/sqrt(gamma s1)), ``"pissa"`` (balanced
+    factors of W over sqrt(scale)) or ``"lora-ga"`` (left 0..r / right r..2r singular vectors of G).
+    Returns per matrix ``(a, b)``, its largest |entry| and whether its SVD is finite. (Groups run as
+    separate programs: on CPU, XLA hung when one program held two of the SVD's while-loops.)
+    """
+    x = jnp.stack([(m.T if t else m).astype(jnp.float32) for m, t in zip(mats, transposed)])
+    x = -x if kind == "lora-one" else x
+    u, s, v = top_svd(
+        x, 2 * rank if kind == "lora-ga" else rank, method=method, key=jax.random.fold_in(key, index), tol=tol
+    )
+    peak = jnp.max(jnp.abs(x), axis=(-2, -1))
+    ok = jnp.isfinite(s).all(-1) & jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(v).all((-2, -1))
+    out = []
+    for k, t in enumerate(transposed):
+        uk, vk = (v[k], u[k]) if t else (u[k], v[k])  # a transposed matrix's u and v trade places
+        if kind == "lora-ga":
+            c = vk.shape[0] ** 0.25 / math.sqrt(gamma)  # vk: (d_out, 2r)
+            a, b = uk[:, :rank] * c, vk[:, rank:].T * c
+        else:
+            root = jnp.sqrt(s[k]) / jnp.sqrt(gamma * s[k, 0]) if kind == "lora-one" else jnp.sqrt(s[k] / scales[k])
+            a, b = uk * root, (vk * root).T
+        out.append((a.astype(dtype), b.astype(dtype)))
+    return out, peak, ok
+
+
+def _run(
+    mats, config: LoraConfig, *, kind: str, method: str, key, what: str, gamma: float = 1.0, tol: float = 1e-3
+) -> Adapters:
+    """Plan, run ``_svd_group`` per group and check every module's matrix and SVD (errors name the module)."""
+    ranks = {p: config.rank_for(p) for p in mats}
+    plan = _plan(mats, ranks, what, factor=2 if kind == "lora-ga" else 1)
+    key = jax.random.key(0) if key is None else key  # (a new key array per call: no compile)
+    adapters, checks = {}, []
+    for i, (rank, paths, transposed) in enumerate(plan):  # dispatch every group first (async), then check them
+        scales = np.asarray([config.scale_for(p) for p in paths], np.float32)
+        factors, peak, ok = _svd_group(
+            [mats[p] for p in paths],
+            scales,
+            key,
+            index=i,
+            rank=rank,
+            transposed=transposed,
+            method=method,
+            kind=kind,
+            gamma=float(gamma),
+            dtype=jnp.dtype(config.dtype).name,
+            tol=float(tol),
         )
-    for paths, (_, _, _, peak, ok) in results:
-        peak, ok = np.asarray(peak), np.asarray(ok)
-        for j, path in enumerate(paths):
-            if not np.isfinite(peak[j]):
-                raise ValueError(
-                    f"{what} of module {path!r} contains NaN or Inf; fix the loss or data (or exclude the module)"
-                )
-            if peak[j] == 0:
-                raise ValueError(
-                    f"{what} of module {path!r} is all zero, so it has no singular directions; check that the "
-                    "module influences the loss on these batches, or exclude it from LoraConfig.targets"
-                )
-            if not ok[j]:
-                raise ValueError(f"SVD of the {what} of module {path!r} returned NaN/Inf; retry with svd='exact'")
-    return [(paths, u, s, v) for paths, (u, s, v, _, _) in results]
-
-
-def _split(paths, a, b, dtype) -> Adapters:
-    return {p: {"a": a[j].astype(dtype), "b": b[j].astype(dtype)} for j, p in enumerate(paths)}
-
-
-def _balanced(paths, u, v, root, dtype) -> Adapters:
-    """``A = U diag(root)``, ``B = diag(root) V^T`` for each stacked matrix (``root``: (k, r))."""
-    return _split(paths, u * root[:, None, :], jnp.swapaxes(v * root[:, None, :], -1, -2), dtype)
+        adapters.update({p: {"a": a, "b": b} for p, (a, b) in zip(paths, factors)})
+        checks.append((peak, ok))
+    peak = np.concatenate([np.asarray(p) for p, _ in checks])
+    ok = np.concatenate([np.asarray(o) for _, o in checks])
+    for j, path in enumerate(p for _, paths, _ in plan for p in paths):
+        if not np.isfinite(peak[j]):
+            raise ValueError(
+                f"{what} of module {path!r} contains NaN or Inf; fix the loss or data (or exclude the module)"
+            )
+        if peak[j] == 0:
+            raise ValueError(
+                f"{what} of module {path!r} is all zero, so it has no singular directions; check that the "
+                "module influences the loss on these batches, or exclude it from LoraConfig.targets"
+            )
+        if not ok[j]:
+            raise ValueError(f"SVD of the {what} of module {path!r} returned NaN/Inf; retry with svd='exact'")
+    return {p: adapters[p] for p in mats}
 
 
 def spectral_init(
@@ -104,6 +142,7 @@ def spectral_init(
     gamma: float = 128.0,
     svd: str = "auto",
     key: jax.Array | None = None,
+    tol: float = 1e-3,
 ) -> Adapters:
     """LoRA-One's spectral init from full fine-tuning gradients ``{module_path: G (d_in, d_out)}``.
 
@@ -112,7 +151,8 @@ def spectral_init(
     so ``A0 @ B0 = best_rank_r(-G) / (gamma s1)`` and ``A0^T A0 = B0 B0^T = diag(s[:r]) / (gamma s1)``.
     ``r = config.rank_for(path)``. The LoRA scale is not part of the formula: a merged kernel is
     ``W + scale * A0 @ B0``. The base weights are not changed. ``svd`` is ``"auto"``, ``"exact"`` or
-    ``"randomized"`` (see ``lora_one_jax.svd``); ``key`` seeds the randomized sketch.
+    ``"randomized"`` (see ``lora_one_jax.svd``); ``key`` seeds the randomized sketch and ``tol`` (radians) is its
+    convergence tolerance on the top-r subspaces.
 
     Example:
         >>> g = {"fc": jax.random.normal(jax.random.key(0), (6, 5))}
@@ -126,13 +166,7 @@ def spectral_init(
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
     mats = _matrices(grads, "grads")
-    dtype = jnp.dtype(config.dtype)
-    out: Adapters = {}
-    for paths, u, s, v in _grouped_svd(
-        mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key, what="gradient", negate=True
-    ):
-        out.update(_balanced(paths, u, v, jnp.sqrt(s) / jnp.sqrt(gamma * s[:, :1]), dtype))
-    return {p: out[p] for p in mats}
+    return _run(mats, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol)
 
 
 def pissa_init(
@@ -152,12 +186,7 @@ def pissa_init(
         [[4.0, 0.0], [0.0, 0.0]]
     """
     mats = _matrices(weights, "weights")
-    dtype = jnp.dtype(config.dtype)
-    out: Adapters = {}
-    for paths, u, s, v in _grouped_svd(mats, {p: config.rank_for(p) for p in mats}, method=svd, key=key, what="kernel"):
-        scale = jnp.asarray([config.scale_for(p) for p in paths], jnp.float32)[:, None]
-        out.update(_balanced(paths, u, v, jnp.sqrt(s / scale), dtype))
-    return {p: out[p] for p in mats}
+    return _run(mats, config, kind="pissa", method=svd, key=key, what="kernel")
 
 
 def lora_ga_init(
@@ -185,20 +214,4 @@ def lora_ga_init(
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
     mats = _matrices(grads, "grads")
-    dtype = jnp.dtype(config.dtype)
-    out: Adapters = {}
-    ranks = {p: config.rank_for(p) for p in mats}
-    for path, r in ranks.items():
-        if 2 * r > min(mats[path].shape):
-            raise ValueError(
-                f"LoRA-GA needs 2 * rank = {2 * r} <= min(d_in, d_out) for {path!r} of shape "
-                f"{tuple(mats[path].shape)}; "
-                "lower the rank for this module"
-            )
-    for paths, u, _, v in _grouped_svd(
-        mats, {p: 2 * r for p, r in ranks.items()}, method=svd, key=key, what="gradient"
-    ):
-        r = u.shape[-1] // 2
-        c = v.shape[-2] ** 0.25 / math.sqrt(gamma)  # v: (k, d_out, 2r)
-        out.update(_split(paths, u[..., :r] * c, jnp.swapaxes(v[..., r:], -1, -2) * c, dtype))
-    return {p: out[p] for p in mats}
+    return _run(mats, config, kind="lora-ga", method=svd, key=key, what="gradient", gamma=gamma)

@@ -122,3 +122,54 @@ def test_last_batch_inf_and_empty():
 def test_progress_bar(capsys):
     lj.estimate_gradient(loss_fn, make_params(), make_batches(2), CFG)
     assert "gradient estimate" in capsys.readouterr().err
+
+
+def test_micro_batches_of_several_lengths_compile_once_and_padding_is_exact(compiles):
+    from lora_one_jax.data import pad_batch
+    from lora_one_jax.models import toy_llama
+
+    model, params, _ = toy_llama(num_hidden_layers=1, seed=4)
+    config = lj.LoraConfig(rank=2, targets=["q_proj", "down_proj"])
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(3, 250, size=n).tolist(), "prompt_len": n // 2} for n in (5, 9, 7, 12, 6)]
+    micro = [pad_batch([r], pad_id=0) for r in rows]  # one example each, natural lengths 5..12
+    assert len({m["input_ids"].shape for m in micro}) == 5
+    loss = lj.full_loss_fn(model)
+    with compiles as c:
+        g = lj.estimate_gradient(loss, params, micro, config, micro_batches_per_step=2, progress=False)
+    assert c.count == 1, "5 lengths, chunks of 2 (the last one filled): one compiled step"
+    with compiles as c:
+        lj.estimate_gradient(loss, params, micro, config, micro_batches_per_step=2, progress=False)
+    assert c.count == 0, "the same loss function again: nothing new to compile"
+    # reference: each micro-batch unpadded, on its own, then the plain mean
+    per = []
+    for m in micro:
+        grad = jax.grad(
+            lambda k, m=m: loss(
+                {
+                    **params,
+                    "model": {
+                        **params["model"],
+                        "layers": {
+                            "0": {
+                                **params["model"]["layers"]["0"],
+                                "self_attn": {**params["model"]["layers"]["0"]["self_attn"], "q_proj": {"kernel": k}},
+                            }
+                        },
+                    },
+                },
+                m,
+            )
+        )
+        per.append(grad(params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]))
+    np.testing.assert_allclose(g["model/layers/0/self_attn/q_proj"], np.mean(per, axis=0), rtol=2e-4, atol=1e-7)
+
+
+def test_micro_batch_padding_rules():
+    from lora_one_jax.gradient import pad_micro_batches
+
+    a = {"ids": np.ones((1, 3)), "labels": np.ones((1, 3))}
+    b = {"ids": np.ones((1, 5)), "labels": np.ones((1, 5))}
+    assert pad_micro_batches([a, b]) == [a, b]  # no mask: nothing makes padding exact, left alone
+    with pytest.raises(ValueError, match="differ in structure"):
+        pad_micro_batches([a, {"ids": np.ones((1, 3))}])

@@ -150,3 +150,30 @@ def test_multisteps():
         np.testing.assert_allclose(u2[path]["a"], -ga, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(u2[path]["b"], -gb, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(u2["bias"], -mean["bias"], rtol=1e-6)
+
+
+def test_batched_preconditioner_equals_the_per_pair_one():
+    rng = np.random.default_rng(3)
+    shapes = [(6, 3, 5), (6, 3, 5), (8, 2, 4), (6, 3, 5), (4, 4, 9)]  # (d_in, r, d_out): groups and ranks mix
+    params, grads = {}, {}
+    for i, (d_in, r, d_out) in enumerate(shapes):
+        params[f"m{i}"] = {
+            "a": jnp.asarray(rng.normal(size=(d_in, r)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(r, d_out)), jnp.float32),
+        }
+        grads[f"m{i}"] = {
+            "a": jnp.asarray(rng.normal(size=(d_in, r)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(r, d_out)), jnp.float32),
+        }
+    params["stacked"] = {
+        "a": jnp.asarray(rng.normal(size=(3, 6, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3, 3, 5)), jnp.float32),
+    }
+    grads["stacked"] = jax.tree.map(lambda x: x * 0.5, params["stacked"])
+    out, _ = jax.jit(lj.lora_one_precond(1e-3).update)(grads, optax.EmptyState(), params)
+    for path in params:
+        one = lj.precondition_pair(grads[path], params[path], 1e-3)
+        np.testing.assert_allclose(out[path]["a"], one["a"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out[path]["b"], one["b"], rtol=1e-4, atol=1e-6)
+    ga, gb = ref_precond(grads["m2"]["a"], grads["m2"]["b"], params["m2"]["a"], params["m2"]["b"], 1e-3)
+    np.testing.assert_allclose(out["m2"]["a"], ga, rtol=1e-4, atol=1e-5)

@@ -67,18 +67,27 @@ def test_spectral_init_dtype_and_gamma():
         lj.spectral_init(g, lj.LoraConfig(rank=2), gamma=0.0)
 
 
-def test_one_jit_per_group(monkeypatch):
-    calls = []
-    real = spectral._stacked_svd
-    monkeypatch.setattr(spectral, "_stacked_svd", lambda x, key, **kw: calls.append(x.shape) or real(x, key, **kw))
+def test_one_compile_per_group(monkeypatch, compiles):
+    shapes = []
+    real = spectral.top_svd
+    monkeypatch.setattr(spectral, "top_svd", lambda x, *a, **kw: shapes.append(x.shape) or real(x, *a, **kw))
     grads = {
         f"layers/{i}/{name}": jnp.ones(shape) * jnp.arange(shape[1]) + i
         for i in range(4)
-        for name, shape in (("q", (8, 8)), ("up", (8, 16)))
+        for name, shape in (("q", (8, 8)), ("up", (8, 16)), ("down", (16, 8)))
     }
-    ad = lj.spectral_init(grads, lj.LoraConfig(rank=1))
-    assert sorted(calls) == [(4, 8, 8), (4, 8, 16)]  # two groups of four stacked matrices
+    with compiles as c:
+        ad = lj.spectral_init(grads, lj.LoraConfig(rank=1))
+    assert sorted(shapes) == [(4, 8, 8), (8, 8, 16)]  # down (16, 8) is stacked transposed with up (8, 16)
     assert list(ad) == list(grads)
+    assert c.count == 2, "one compiled program per group of equal shapes"
+    for path in ("layers/2/down", "layers/1/up"):
+        a_ref, b_ref, _ = ref_lora_one(np.asarray(grads[path]), 1, 128.0)
+        np.testing.assert_allclose(ad[path]["a"] @ ad[path]["b"], a_ref @ b_ref, rtol=1e-4, atol=1e-7)
+    other = {k: v + 1.0 for k, v in grads.items()}
+    with compiles as c:
+        lj.spectral_init(other, lj.LoraConfig(rank=1))
+    assert c.count == 0, "same shapes: no new compile"
 
 
 def test_errors_name_the_module(monkeypatch):
@@ -116,7 +125,8 @@ def test_randomized_svd_agrees_with_exact():
 
 
 def test_auto_method_threshold():
-    assert svd_mod.resolve_svd_method("auto", (512, 1024), 16) == "exact"
+    assert svd_mod.resolve_svd_method("auto", (64, 40), 8) == "exact"  # sketch of 8 + 16 > 40 / 2
+    assert svd_mod.resolve_svd_method("auto", (576, 192), 8) == "randomized"
     assert svd_mod.resolve_svd_method("auto", (2048, 4096), 16) == "randomized"
     assert svd_mod.resolve_svd_method("randomized", (20, 20), 16) == "exact"  # sketch not smaller
     with pytest.raises(ValueError, match="unknown svd method"):

@@ -15,9 +15,11 @@ from lora_one_jax.data.batching import (
     tokenize,
     truncate,
 )
+from lora_one_jax.data.loader import BatchStream
 from lora_one_jax.data.tasks import COLUMNS, KINDS, TASKS, DataError, Task, from_records, load_task, read_jsonl
 
 __all__ = [
+    "BatchStream",
     "COLUMNS",
     "DataError",
     "KINDS",

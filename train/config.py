@@ -1,0 +1,401 @@
+"""The trainer's configuration: one frozen dataclass per YAML section, unknown keys are errors.
+
+A run config is a YAML file (see ``configs/``) with the sections below, plus command-line overrides
+``--set train.steps=200 lora.rank=16`` (values parsed as YAML). ``load_config(name_or_path, overrides)``
+returns a validated ``RunConfig``.
+
+Example:
+    >>> cfg = RunConfig.from_dict({"train": {"steps": 3}, "lora": {"rank": 4}})
+    >>> cfg.train.steps, cfg.lora.rank, cfg.methods
+    (3, 4, ('lora-one',))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_one_jax import LoraConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = "default"
+
+#: method -> (init, preconditioned optimizer)
+METHODS = {
+    "lora": ("lora", False),
+    "lora-one-init": ("lora-one", False),
+    "lora-one": ("lora-one", True),
+    "lora-precond": ("lora", True),
+    "pissa": ("pissa", False),
+    "lora-ga": ("lora-ga", False),
+    "full": ("full", False),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and what is allowed."""
+
+
+def _section(cls, values: Any, name: str):
+    if values is None:
+        return cls()
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"section {name!r} must be a mapping, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in section {name!r}; valid keys: {known}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"section {name!r}: {e}") from None
+
+
+def _positive_int(value, what, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+
+def _number(value, what, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{what} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{what} must be <= {high}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``spec``: a ``lora_one_jax.models.load_model`` spec; ``dtype``: params and compute dtype."""
+
+    spec: str = "smollm2-135m"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """``spec``: a ``lora_one_jax.data.load_task`` spec; ``options``: its extra keyword arguments;
+    ``train_size``: use only the first examples of the (shuffled) training split."""
+
+    spec: str = "asdiv"
+    max_len: int = 128
+    eval_size: int | None = None
+    train_size: int | None = None
+    split_seed: int = 0
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _positive_int(self.max_len, "task.max_len")
+        if self.train_size is not None:
+            _positive_int(self.train_size, "task.train_size")
+        if self.max_len < 16:
+            raise ConfigError(f"task.max_len must be at least 16, got {self.max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """How adapters start: the gradient estimate (methods that need it) and the SVD.
+
+    ``grad_examples`` training examples (the first ones of the shuffled train split, never evaluated)
+    in micro-batches of ``grad_batch_size`` (the official recipe: 8 of 1); ``gamma`` is LoRA-One's
+    (128) and ``lora_ga_gamma`` LoRA-GA's stable gamma (16).
+    """
+
+    grad_examples: int = 8
+    grad_batch_size: int = 1
+    micro_batches_per_step: int = 8
+    gamma: float = 128.0
+    lora_ga_gamma: float = 16.0
+    svd: str = "auto"
+
+    def __post_init__(self):
+        _positive_int(self.grad_examples, "init.grad_examples")
+        _positive_int(self.grad_batch_size, "init.grad_batch_size")
+        _positive_int(self.micro_batches_per_step, "init.micro_batches_per_step")
+        _number(self.gamma, "init.gamma", 0, low_open=True)
+        _number(self.lora_ga_gamma, "init.lora_ga_gamma", 0, low_open=True)
+        if self.svd not in ("auto", "exact", "randomized"):
+            raise ConfigError(f"init.svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """One recipe for every method: clip -> (preconditioner) -> AdamW, linear decay after linear warmup.
+
+    ``warmup_steps`` (or, when None, ``warmup_ratio`` of the steps); ``schedule``: ``linear`` (decay to 0,
+    as the paper), ``cosine`` or ``constant``; ``damping`` is the preconditioner's.
+    """
+
+    learning_rate: float = 2e-4
+    schedule: str = "linear"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    damping: float = 1e-6
+
+    def __post_init__(self):
+        _number(self.learning_rate, "optim.learning_rate", 0, low_open=True)
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
+        if self.warmup_steps is not None:
+            _positive_int(self.warmup_steps, "optim.warmup_steps", allow_zero=True)
+        _number(self.warmup_ratio, "optim.warmup_ratio", 0, 1)
+        _number(self.weight_decay, "optim.weight_decay", 0)
+        _number(self.b1, "optim.b1", 0, 1)
+        _number(self.b2, "optim.b2", 0, 1)
+        _number(self.eps, "optim.eps", 0)
+        if self.clip_norm is not None:
+            _number(self.clip_norm, "optim.clip_norm", 0, low_open=True)
+        _number(self.damping, "optim.damping", 0, low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``steps`` optimizer steps of ``batch_size`` x ``grad_accum`` examples (or ``epochs`` over train)."""
+
+    steps: int | None = 200
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    log_every: int = 10
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("give exactly one of train.steps and train.epochs (set the other to null)")
+        if self.steps is not None:
+            _positive_int(self.steps, "train.steps")
+        if self.epochs is not None:
+            _number(self.epochs, "train.epochs", 0, low_open=True)
+        _positive_int(self.batch_size, "train.batch_size")
+        _positive_int(self.grad_accum, "train.grad_accum")
+        _positive_int(self.log_every, "train.log_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation every ``every`` steps (0: only before and after) on ``limit`` examples (None: all)."""
+
+    every: int = 0
+    limit: int | None = 200
+    batch_size: int = 16
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        _positive_int(self.every, "eval.every", allow_zero=True)
+        if self.limit is not None:
+            _positive_int(self.limit, "eval.limit")
+        _positive_int(self.batch_size, "eval.batch_size")
+        _positive_int(self.max_new_tokens, "eval.max_new_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints every ``every`` steps (0: only at the end), ``keep`` of them."""
+
+    every: int = 50
+    keep: int = 2
+
+    def __post_init__(self):
+        _positive_int(self.every, "checkpoint.every", allow_zero=True)
+        _positive_int(self.keep, "checkpoint.keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What to write at the end: our adapter files, a PEFT folder, a merged model folder."""
+
+    adapters: bool = True
+    peft: bool = True
+    merged: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh for sharded runs (see the README's "Scale out"); ``None`` sizes are inferred."""
+
+    data: int | None = None
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run. ``methods`` lists one method, or several to compare on identical data and seed."""
+
+    name: str = "run"
+    output_dir: str = "runs/{name}"
+    seed: int = 0
+    methods: tuple[str, ...] = ("lora-one",)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=lambda: LoraConfig(rank=8, alpha=16.0, rslora=True))
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    SECTIONS = {
+        "model": ModelConfig,
+        "task": TaskConfig,
+        "init": InitConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+        "checkpoint": CheckpointConfig,
+        "export": ExportConfig,
+        "mesh": MeshConfig,
+    }
+
+    def __post_init__(self):
+        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        object.__setattr__(self, "methods", methods)
+        if not methods:
+            raise ConfigError("methods is empty; choose from " + ", ".join(METHODS))
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ConfigError(f"methods {list(methods)} repeat a method")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from plain data (a parsed YAML file); unknown keys are errors naming the valid ones.
+
+        Example:
+            >>> RunConfig.from_dict({"optim": {"lr": 1e-4}})
+            Traceback (most recent call last):
+            train.config.ConfigError: unknown key(s) ['lr'] in section 'optim'; valid keys: ['learning_rate', 'schedule', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'damping']
+        """  # noqa: E501
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a run config is a mapping of sections, got {type(values).__name__}")
+        top = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - top)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; valid top-level keys: {sorted(top)}")
+        kwargs = {k: v for k, v in values.items() if k not in cls.SECTIONS and k != "lora"}
+        for name, section in cls.SECTIONS.items():
+            if name in values:
+                kwargs[name] = _section(section, values[name], name)
+        if "lora" in values:
+            lora = values["lora"]
+            if not isinstance(lora, (Mapping, LoraConfig)):
+                raise ConfigError(f"section 'lora' must be a mapping, got {lora!r}")
+            try:
+                kwargs["lora"] = lora if isinstance(lora, LoraConfig) else LoraConfig.from_dict(lora)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"section 'lora': {e}") from None
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        """Plain data (``from_dict``'s inverse), e.g. to save beside a run."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, LoraConfig):
+                value = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.steps=200", "lora.targets=[q_proj, v_proj]"]`` -> nested dict (values parsed as YAML).
+
+    Example:
+        >>> parse_overrides(["train.steps=200", "lora.targets=[q_proj, v_proj]", "methods=lora"])
+        {'train': {'steps': 200}, 'lora': {'targets': ['q_proj', 'v_proj']}, 'methods': 'lora'}
+    """
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200)")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict, override: Mapping) -> dict:
+    """Nested update of ``base`` by ``override`` (sections merge key by key, values replace).
+
+    Example:
+        >>> merge({"train": {"steps": 1, "batch_size": 8}}, {"train": {"steps": 5}})
+        {'train': {'steps': 5, 'batch_size': 8}}
+    """
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in ("options",):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_path(name_or_path: str) -> Path:
+    """A YAML path for ``name_or_path``: an existing file, or ``configs/<name>.yaml``.
+
+    Example:
+        >>> config_path("default").name
+        'default.yaml'
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a name in {CONFIG_DIR}; available: {available}")
+
+
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (a path or a name in ``configs/``) and apply ``--set`` style overrides.
+
+    Example:
+        >>> load_config("default", ["train.steps=3"]).train.steps
+        3
+    """
+    path = config_path(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return RunConfig.from_dict(merge(values, parse_overrides(overrides or [])))
