@@ -51,7 +51,7 @@ def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
 # method -> the extra keyword arguments it accepts (defaults live in the init functions themselves)
 _METHODS = {
     "lora": (),
-    "lora-one": ("grads", "gamma", "svd"),
+    "lora-one": ("grads", "gamma", "svd", "tol", "mesh"),
     "pissa": ("svd",),
     "lora-ga": ("grads", "gamma", "svd"),
 }

@@ -31,10 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_one_jax._hf import apply_hf_fixes
 from lora_one_jax.config import LoraConfig, find_targets, kernel_key
 from lora_one_jax.progress import progress_bar
+from lora_one_jax.sharding import BATCH_AXES, batch_sharding, mesh_of, place, to_numpy
 
 #: Batch keys whose zeros make padding exact: a padded position is neither attended to nor scored.
 MASK_KEYS = ("attention_mask", "loss_mask")
@@ -84,8 +87,18 @@ def pad_micro_batches(batches: list) -> list:
     return [jax.tree.unflatten(treedef, [pad(x, s) for x, s in zip(ls, target)]) for ls in leaves]
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "keys"), donate_argnums=0)
-def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys):
+def _micro_batch_sharding(mesh, shape) -> NamedSharding:
+    """Stacked micro-batches ``(n, rows, ...)``: split the micro-batches over the data axes when they divide,
+    else their rows, else replicate."""
+    data = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+    for axis in (0, 1):
+        if len(shape) > axis and shape[axis] % data == 0:
+            return batch_sharding(mesh, ndim=len(shape), batch_axis=axis)
+    return NamedSharding(mesh, P())
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "keys", "out_shardings"), donate_argnums=0)
+def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shardings=None):
     """Add the gradient of ``sum_j weights[j] * loss_fn(params, micro-batch j)`` w.r.t. the targeted kernels
     to the float32 sums ``acc``; also say which modules' gradients and which losses are finite. Module
     level with ``loss_fn`` static, so repeated estimates with the same loss function compile once."""
@@ -99,7 +112,10 @@ def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys):
 
     grads, losses = jax.grad(loss_of, has_aux=True)(kernels)
     finite = jnp.stack([jnp.isfinite(grads[path]).all() for path, _ in keys])
-    return {p: acc[p] + grads[p].astype(jnp.float32) for p in acc}, finite, jnp.isfinite(losses)
+    acc = {p: acc[p] + grads[p].astype(jnp.float32) for p in acc}
+    if out_shardings is not None:  # gradients stay sharded like their kernels: never gathered onto one device
+        acc = {p: jax.lax.with_sharding_constraint(acc[p], sharding) for p, sharding in out_shardings}
+    return acc, finite, jnp.isfinite(losses)
 
 
 def estimate_gradient(
@@ -149,10 +165,15 @@ def estimate_gradient(
     order = sorted(targets)
     step = partial(_accumulate, loss_fn=loss_fn, keys=tuple((p, keys[p]) for p in order))
     acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
+    mesh, out_shardings = mesh_of(kernels), None
+    if mesh is not None:  # sharded params: sums sharded like the kernels, micro-batches split over the data axes
+        out_shardings = tuple((p, kernels[p].sharding) for p in order)
+        acc = {p: place(acc[p], kernels[p].sharding) for p in order}
+        step = partial(step, out_shardings=out_shardings)
     n = len(batches)
 
     def check(finite, finite_losses, members):
-        finite, finite_losses = np.asarray(finite), np.asarray(finite_losses)[: len(members)]
+        finite, finite_losses = to_numpy(finite), to_numpy(finite_losses)[: len(members)]
         if finite.all() and finite_losses.all():
             return
         bad_batches = [members[j] for j in np.flatnonzero(~finite_losses)]
@@ -175,6 +196,8 @@ def estimate_gradient(
             members = indices[start : start + chunk]
             fill = members + [members[0]] * (chunk - len(members))  # zero-weight copies keep one compiled shape
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *[batches[i] for i in fill])
+            if mesh is not None:
+                stacked = jax.tree.map(lambda x: place(x, _micro_batch_sharding(mesh, x.shape)), stacked)
             weights = np.array([1.0 / n] * len(members) + [0.0] * (chunk - len(members)), np.float32)
             acc, finite, finite_losses = step(acc, kernels, rest, stacked, weights)
             if pending is not None:  # check the previous step while this one runs

@@ -22,8 +22,12 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import shard_map
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lora_one_jax.config import Adapters, LoraConfig
+from lora_one_jax.sharding import AXES, mesh_of, to_numpy
 from lora_one_jax.svd import top_svd
 
 
@@ -64,8 +68,31 @@ def _plan(mats: dict[str, jax.Array], ranks: dict[str, int], what: str, factor: 
     )
 
 
-@partial(jax.jit, static_argnames=("index", "rank", "transposed", "method", "kind", "gamma", "dtype", "tol"))
-def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamma, dtype, tol):
+def _sharded_top_svd(x, rank, *, method, key, tol, mesh, shard):
+    """``top_svd`` of a stack, spread over ``mesh``: ``"stack"`` gives every device its share of the matrices
+    (``shard_map``; the stack is padded to a multiple of the device count), ``"rows"`` splits each matrix's
+    rows (a matrix too large for one device: GSPMD shards the randomized SVD's matmuls)."""
+    if shard == "stack":
+        n, pad = x.shape[0], -x.shape[0] % mesh.size
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])]) if pad else x
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(AXES)))
+        svd = shard_map(
+            lambda xs: top_svd(xs, rank, method=method, key=key, tol=tol),
+            mesh=mesh,
+            in_specs=P(AXES),
+            out_specs=P(AXES),
+            check_vma=False,
+        )  # no collectives inside
+        return tuple(t[:n] for t in svd(x))
+    if shard == "rows":
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, AXES)))
+    return top_svd(x, rank, method=method, key=key, tol=tol)
+
+
+@partial(
+    jax.jit, static_argnames=("index", "rank", "transposed", "method", "kind", "gamma", "dtype", "tol", "mesh", "shard")
+)
+def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamma, dtype, tol, mesh=None, shard=None):
     """One group's stacked SVD and adapter factors in one compiled program.
 
     ``kind``: ``"lora-one"`` (balanced factors of -G scaled by 1/sqrt(gamma s1)), ``"pissa"`` (balanced
@@ -75,8 +102,14 @@ def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamm
     """
     x = jnp.stack([(m.T if t else m).astype(jnp.float32) for m, t in zip(mats, transposed)])
     x = -x if kind == "lora-one" else x
-    u, s, v = top_svd(
-        x, 2 * rank if kind == "lora-ga" else rank, method=method, key=jax.random.fold_in(key, index), tol=tol
+    u, s, v = _sharded_top_svd(
+        x,
+        2 * rank if kind == "lora-ga" else rank,
+        method=method,
+        tol=tol,
+        mesh=mesh,
+        shard=shard,
+        key=jax.random.fold_in(key, index),
     )
     peak = jnp.max(jnp.abs(x), axis=(-2, -1))
     ok = jnp.isfinite(s).all(-1) & jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(v).all((-2, -1))
@@ -93,13 +126,31 @@ def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamm
     return out, peak, ok
 
 
+def _shard_mode(mesh, n: int, m: int) -> str | None:
+    if mesh is None or mesh.size == 1:
+        return None
+    if n >= mesh.size:
+        return "stack"
+    return "rows" if m % mesh.size == 0 else None
+
+
 def _run(
-    mats, config: LoraConfig, *, kind: str, method: str, key, what: str, gamma: float = 1.0, tol: float = 1e-3
+    mats,
+    config: LoraConfig,
+    *,
+    kind: str,
+    method: str,
+    key,
+    what: str,
+    gamma: float = 1.0,
+    tol: float = 1e-3,
+    mesh=None,
 ) -> Adapters:
     """Plan, run ``_svd_group`` per group and check every module's matrix and SVD (errors name the module)."""
     ranks = {p: config.rank_for(p) for p in mats}
     plan = _plan(mats, ranks, what, factor=2 if kind == "lora-ga" else 1)
     key = jax.random.key(0) if key is None else key  # (a new key array per call: no compile)
+    mesh = mesh if mesh is not None else mesh_of(mats)
     adapters, checks = {}, []
     for i, (rank, paths, transposed) in enumerate(plan):  # dispatch every group first (async), then check them
         scales = np.asarray([config.scale_for(p) for p in paths], np.float32)
@@ -115,11 +166,13 @@ def _run(
             gamma=float(gamma),
             dtype=jnp.dtype(config.dtype).name,
             tol=float(tol),
+            mesh=mesh,
+            shard=_shard_mode(mesh, len(paths), min(mats[paths[0]].shape)),
         )
         adapters.update({p: {"a": a, "b": b} for p, (a, b) in zip(paths, factors)})
         checks.append((peak, ok))
-    peak = np.concatenate([np.asarray(p) for p, _ in checks])
-    ok = np.concatenate([np.asarray(o) for _, o in checks])
+    peak = np.concatenate([to_numpy(p) for p, _ in checks])
+    ok = np.concatenate([to_numpy(o) for _, o in checks])
     for j, path in enumerate(p for _, paths, _ in plan for p in paths):
         if not np.isfinite(peak[j]):
             raise ValueError(
@@ -143,6 +196,7 @@ def spectral_init(
     svd: str = "auto",
     key: jax.Array | None = None,
     tol: float = 1e-3,
+    mesh=None,
 ) -> Adapters:
     """LoRA-One's spectral init from full fine-tuning gradients ``{module_path: G (d_in, d_out)}``.
 
@@ -152,7 +206,8 @@ def spectral_init(
     ``r = config.rank_for(path)``. The LoRA scale is not part of the formula: a merged kernel is
     ``W + scale * A0 @ B0``. The base weights are not changed. ``svd`` is ``"auto"``, ``"exact"`` or
     ``"randomized"`` (see ``lora_one_jax.svd``); ``key`` seeds the randomized sketch and ``tol`` (radians) is its
-    convergence tolerance on the top-r subspaces.
+    convergence tolerance on the top-r subspaces. Over a device ``mesh`` (default: the mesh ``grads`` are
+    sharded over, if any) every group's stack of SVDs is spread over the devices.
 
     Example:
         >>> g = {"fc": jax.random.normal(jax.random.key(0), (6, 5))}
@@ -166,7 +221,7 @@ def spectral_init(
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
     mats = _matrices(grads, "grads")
-    return _run(mats, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol)
+    return _run(mats, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol, mesh=mesh)
 
 
 def pissa_init(

@@ -279,3 +279,17 @@ def test_smollm2_generation_and_asdiv_slice():
         number_match(t, a) for t, a in zip(result.predictions, split["answer"])
     )
     assert all(numbers_in(t) for t in result.predictions)  # it answers with numbers
+
+
+@pytest.mark.parametrize("choices", [[" a", " b"], [" apple", " banana split"]])  # one-token and longer candidates
+def test_answer_loss_comes_with_the_scores_and_equals_answer_nll(toy, choices):
+    model, params, tok = toy
+    split = _choice_rows(3, 6, choices)
+    from lora_one_jax.eval import Evaluator
+
+    ev = Evaluator(model, tok, batch_size=4)
+    with_loss = ev.evaluate(params, None, split, answer_loss=True, progress=False)
+    plain = ev.evaluate(params, None, split, progress=False)
+    assert plain.answer_loss is None and with_loss.predictions == plain.predictions
+    nll, count = ev.answer_nll(params, None, split["prompt"], split["answer"], progress=False)
+    assert with_loss.answer_loss == pytest.approx(float(nll.sum() / count.sum()), rel=1e-5)

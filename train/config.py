@@ -227,15 +227,25 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh for sharded runs (see the README's "Scale out"); ``None`` sizes are inferred."""
+    """Device mesh of a sharded run (see the README's "Scale out"). The default (1, 1, 1) is one device;
+    ``data: null`` uses every device left over by ``fsdp`` x ``tensor``. ``rules`` names the partition
+    rules (``llama`` or ``replicated``). ``distributed`` calls ``jax.distributed.initialize`` first (on a
+    TPU pod or SLURM cluster the three fields after it can stay null: JAX finds them)."""
 
-    data: int | None = None
+    data: int | None = 1
     fsdp: int = 1
     tensor: int = 1
+    rules: str = "llama"
     distributed: bool = False
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def __post_init__(self):
+        if self.data is not None:
+            _positive_int(self.data, "mesh.data")
+        _positive_int(self.fsdp, "mesh.fsdp")
+        _positive_int(self.tensor, "mesh.tensor")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ def setup_distributed(cfg) -> None:
         return
     import jax
 
+    # CPU hosts (and tests with several local processes) talk through gloo; accelerators use their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {
         k: v
         for k, v in (

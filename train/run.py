@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lora_one_jax as lj
 from lora_one_jax.data import BatchStream, load_task, pad_batch, pad_id_of, tokenize
@@ -27,6 +29,17 @@ from lora_one_jax.export import fold_residual, load_adapters, save_adapters, sav
 from lora_one_jax.models import load_model
 from lora_one_jax.models.export import save_pretrained
 from lora_one_jax.progress import progress_bar
+from lora_one_jax.sharding import (
+    BATCH_AXES,
+    LLAMA_RULES,
+    adapter_specs,
+    batch_sharding,
+    like_params,
+    make_mesh,
+    place,
+    stacked_adapter_specs,
+    to_numpy,
+)
 from train.checkpoint import Checkpointer
 from train.config import METHODS, ConfigError, RunConfig
 from train.report import plot_curves, summary_table
@@ -61,6 +74,8 @@ class Context:
     evaluator: Evaluator
     phases: Phases
     progress: bool
+    mesh: object = None  # a jax Mesh when the run is sharded (config section `mesh`), else None
+    rules: tuple = ()
     grads: dict | None = None
 
 
@@ -172,23 +187,63 @@ def evaluate(ctx: Context, base, adapters) -> dict:
     )
     with ctx.phases("evaluation"):
         result = ctx.evaluator.evaluate(
-            base, adapters, split, max_new_tokens=cfg.eval.max_new_tokens, progress=ctx.progress
+            base, adapters, split, max_new_tokens=cfg.eval.max_new_tokens, answer_loss=True, progress=ctx.progress
         )
-        out = {"metric": result.metric, "score": result.value}
-        if result.metric != "nll":
-            nll, count = ctx.evaluator.answer_nll(
-                base, adapters, split["prompt"], split["answer"], progress=ctx.progress
-            )
-            out["answer_loss"] = float(nll.sum() / max(count.sum(), 1))
-        else:
-            out["answer_loss"] = result.value
-    return out
+    return {"metric": result.metric, "score": result.value, "answer_loss": result.answer_loss}
+
+
+def _main() -> bool:
+    """Whether this process writes the run's files (the first one; every process computes)."""
+    return jax.process_index() == 0
+
+
+def _append(path: Path, record: dict) -> None:
+    if _main():
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _comparable(cfg: RunConfig) -> dict:
     """The parts of a config that must not change when a run resumes."""
     data = cfg.to_dict()
     return {k: data[k] for k in ("seed", "model", "task", "lora", "init", "optim", "train")}
+
+
+# ----------------------------------------------------------------------------- placement on a mesh
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _batch_sharding(mesh, shape) -> NamedSharding:
+    """Stacked micro-batches ``(accum, rows, length)``: rows over the data axes when they divide, else replicated."""
+    data = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return batch_sharding(mesh, ndim=len(shape), batch_axis=1) if shape[1] % data == 0 else NamedSharding(mesh, P())
+
+
+def _put(x, sharding):
+    return jax.device_put(x, sharding) if isinstance(x, jax.Array) else place(x, sharding)
+
+
+def place_trainable(ctx: Context, trainable, layout):
+    """Stacked adapters sharded like their kernels (A's d_in, B's d_out; rank and stack axes replicated)."""
+    if ctx.mesh is None:
+        return trainable
+    specs = stacked_adapter_specs(layout, adapter_specs(ctx.params, ctx.cfg.lora, ctx.rules, ctx.mesh))
+    return {g: {k: _put(v, NamedSharding(ctx.mesh, specs[g][k])) for k, v in ad.items()} for g, ad in trainable.items()}
+
+
+def init_optimizer(ctx: Context, opt, trainable):
+    """The optimizer state, every moment sharded like its parameter (counts replicated)."""
+    if ctx.mesh is None:
+        return opt.init(trainable)
+    return jax.jit(opt.init, out_shardings=like_params(jax.eval_shape(opt.init, trainable), trainable))(trainable)
+
+
+def to_host(tree):
+    """Numpy copies of (possibly sharded, possibly multi-host) arrays, the same on every process."""
+    return jax.tree.map(to_numpy, tree)
 
 
 # ----------------------------------------------------------------------------- one method
@@ -224,9 +279,12 @@ def fit(ctx: Context, method: str) -> dict:
         else:
             base, adapters = initial_adapters(ctx, method)
             if init in RESIDUAL_INITS:
-                save_adapters(folder / "initial_adapters", adapters, cfg.lora)
+                initial = to_host(adapters)  # every process gathers (a collective), the first writes
+                if _main():
+                    save_adapters(folder / "initial_adapters", initial, cfg.lora)
         trainable, layout = lj.stack_adapters(adapters)
-    opt_state = opt.init(trainable)
+    trainable = place_trainable(ctx, trainable, layout)
+    opt_state = init_optimizer(ctx, opt, trainable)
     start, log = 0, folder / "metrics.jsonl"
     history: list[dict] = []
     if resumed is not None:
@@ -241,8 +299,9 @@ def fit(ctx: Context, method: str) -> dict:
         stream.restore(record["stream"])
         if log.exists():  # drop what the interrupted process logged after its last checkpoint
             history = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= start]
-            log.write_text("".join(json.dumps(r) + "\n" for r in history))
-    elif log.exists():
+            if _main():
+                log.write_text("".join(json.dumps(r) + "\n" for r in history))
+    elif log.exists() and _main():
         log.unlink()
 
     # --- the compiled step: frozen weights are arguments, the state buffers are donated ---
@@ -269,7 +328,12 @@ def fit(ctx: Context, method: str) -> dict:
         updates, opt_state = opt.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, losses.mean(), optax.global_norm(grads)
 
-    step_fn = jax.jit(train_step, donate_argnums=(1, 2))
+    if ctx.mesh is None:
+        step_fn = jax.jit(train_step, donate_argnums=(1, 2))
+    else:  # the state keeps its shardings from step to step
+        replicated = NamedSharding(ctx.mesh, P())
+        out = (_shardings(trainable), _shardings(opt_state), replicated, replicated)
+        step_fn = jax.jit(train_step, donate_argnums=(1, 2), out_shardings=out)
     key = jax.random.key(cfg.seed)
 
     def current_eval(step):
@@ -280,8 +344,7 @@ def fit(ctx: Context, method: str) -> dict:
         )
         record = {"step": step, **{f"eval/{k}": v for k, v in evaluation.items()}}
         history.append(record)
-        with open(log, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append(log, record)
         return evaluation
 
     def save(step):
@@ -310,13 +373,18 @@ def fit(ctx: Context, method: str) -> dict:
         for step in range(start + 1, steps + 1):
             batches = lj.gradient.pad_micro_batches(stream.take(cfg.train.grad_accum))
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+            shape = stacked["input_ids"].shape
+            if ctx.mesh is not None:  # rows over the data axes; every process supplies its own devices' rows
+                rows = _batch_sharding(ctx.mesh, shape)
+                stacked = jax.tree.map(lambda x, rows=rows: place(x, rows), stacked)
             trainable, opt_state, loss, gnorm = step_fn(
                 base, trainable, opt_state, stacked, jax.random.fold_in(key, step)
             )
-            shapes_seen.add(stacked["input_ids"].shape)
-            window_tokens += int(stacked["attention_mask"].sum())
+            shapes_seen.add(shape)
+            window_tokens += int(sum(b["attention_mask"].sum() for b in batches))
             pending.append((step, loss, gnorm))
             if step % cfg.train.log_every == 0 or step == steps:
+                jax.block_until_ready(pending[-1][1])
                 elapsed = time.perf_counter() - window_start
                 for s, step_loss, g in pending:
                     record = {"step": s, "loss": float(step_loss), "grad_norm": float(g), "lr": float(lr(s - 1))}
@@ -326,8 +394,7 @@ def fit(ctx: Context, method: str) -> dict:
                             "lower optim.learning_rate or check the data"
                         )
                     history.append(record)
-                    with open(log, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    _append(log, record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     lr=f"{record['lr']:.2e}",
@@ -350,7 +417,7 @@ def fit(ctx: Context, method: str) -> dict:
 
     # --- export ---
     with ctx.phases("export"):
-        exported = export(ctx, folder, method, base, trainable, layout)
+        exported = export(ctx, folder, method, base, trainable, layout)  # every process gathers, the first writes
     evals = [r for r in history if "eval/score" in r]
     train_losses = [r["loss"] for r in history if "loss" in r]
     summary = {
@@ -368,18 +435,25 @@ def fit(ctx: Context, method: str) -> dict:
         "trainable_parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
         "exports": exported,
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "history": history}
+    if _main():
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "history": history, "final_state": (trainable, opt_state)}
 
 
 def export(ctx: Context, folder: Path, method: str, base, trainable, layout) -> dict:
     """The method's exports: our adapter files, a PEFT folder, a merged HF model folder (as configured)."""
     cfg, out = ctx.cfg, {}
     if layout is None:  # full fine-tuning: only a merged model makes sense
+        params = to_host(trainable)
+        if not _main():
+            return out
         if cfg.export.merged or cfg.export.adapters or cfg.export.peft:
-            out["merged"] = str(save_pretrained(folder / "merged", ctx.model, trainable, ctx.tokenizer))
+            out["merged"] = str(save_pretrained(folder / "merged", ctx.model, params, ctx.tokenizer))
         return out
-    adapters = jax.tree.map(np.asarray, lj.unstack_adapters(trainable, layout))
+    adapters = jax.tree.map(np.asarray, to_host(lj.unstack_adapters(trainable, layout)))
+    host_base = to_host(base) if cfg.export.merged else None
+    if not _main():
+        return out
     init, _ = METHODS[method]
     if cfg.export.adapters:
         meta = {"model": cfg.model.spec, "method": method, "residual_base": str(init in RESIDUAL_INITS)}
@@ -393,24 +467,44 @@ def export(ctx: Context, folder: Path, method: str, base, trainable, layout) -> 
             save_peft(folder / "peft", peft_adapters, peft_config, base_model_name_or_path=cfg.model.spec)
         )
     if cfg.export.merged:
-        merged = lj.merge(base, adapters, cfg.lora)
+        merged = lj.merge(host_base, adapters, cfg.lora)
         out["merged"] = str(save_pretrained(folder / "merged", ctx.model, merged, ctx.tokenizer))
     return out
 
 
 # ----------------------------------------------------------------------------- the run
 
+#: ``mesh.rules`` names -> partition rules (path regex -> PartitionSpec); add your family's here.
+PARTITION_RULES = {"llama": LLAMA_RULES, "replicated": ((r".*", P()),)}
+
+
+def build_mesh(cfg: RunConfig):
+    """``(mesh, rules)`` from the ``mesh`` section; ``(None, ())`` for a one-device run."""
+    m = cfg.mesh
+    if m.rules not in PARTITION_RULES:
+        raise ConfigError(f"mesh.rules {m.rules!r} is unknown; choose from {sorted(PARTITION_RULES)}")
+    sizes = (m.data, m.fsdp, m.tensor)
+    if sizes == (1, 1, 1):
+        return None, ()
+    try:
+        mesh = make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    return (mesh if mesh.size > 1 else None), PARTITION_RULES[m.rules]
+
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Train every method of ``cfg`` (see module doc); returns ``{"methods": {...}, "phases": {...}}``."""
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if _main():
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     phases = Phases()
     print(f"lora-one-train: {cfg.name} -> {out_dir} ({', '.join(cfg.methods)}) on {jax.devices()}")
+    mesh, rules = build_mesh(cfg)
     with phases("load model"):
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-        model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype)
+        model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
     with phases("load task"):
         try:
             task = load_task(
@@ -427,29 +521,22 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
         if cfg.task.train_size is not None and cfg.task.train_size < len(task.train):
             task = dataclasses.replace(task, train=task.train.select(range(cfg.task.train_size)))
     evaluator = Evaluator(model, tokenizer, cfg.lora, batch_size=cfg.eval.batch_size, max_len=cfg.task.max_len)
-    ctx = Context(cfg, model, params, tokenizer, task, evaluator, phases, progress)
+    ctx = Context(cfg, model, params, tokenizer, task, evaluator, phases, progress, mesh, rules)
     results = {}
     for method in cfg.methods:
         print(f"--- {method} ---")
         results[method] = fit(ctx, method)
     table = summary_table(results, phases.seconds, cfg)
     print("\n" + table)
-    (out_dir / "summary.md").write_text(table + "\n")
-    (out_dir / "summary.json").write_text(
-        json.dumps(
-            {
-                "methods": {m: {k: v for k, v in r.items() if k != "history"} for m, r in results.items()},
-                "phases": phases.seconds,
-                "config": cfg.to_dict(),
-            },
-            indent=2,
+    if _main():
+        (out_dir / "summary.md").write_text(table + "\n")
+        plain = {m: {k: v for k, v in r.items() if k not in ("history", "final_state")} for m, r in results.items()}
+        summary = {"methods": plain, "phases": phases.seconds, "config": cfg.to_dict()}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot = plot_curves(
+            {m: r["history"] for m, r in results.items()},
+            out_dir / "curves.png",
+            title=f"{cfg.model.spec} on {cfg.task.spec}",
         )
-        + "\n"
-    )
-    plot = plot_curves(
-        {m: r["history"] for m, r in results.items()},
-        out_dir / "curves.png",
-        title=f"{cfg.model.spec} on {cfg.task.spec}",
-    )
-    print(f"plot: {plot}")
+        print(f"plot: {plot}")
     return {"methods": results, "phases": phases.seconds}

@@ -41,6 +41,7 @@ from lora_one_jax.config import LoraConfig
 from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, truncate
 from lora_one_jax.losses import sequence_logprob
 from lora_one_jax.progress import progress_bar
+from lora_one_jax.sharding import to_numpy
 from lora_one_jax.transform import with_lora
 
 
@@ -61,6 +62,7 @@ class EvalResult:
     total: int
     seconds: float = 0.0
     predictions: list = dataclasses.field(default_factory=list, repr=False)
+    answer_loss: float | None = None  # mean NLL per gold answer token (answer + eos), when asked for
 
     def __str__(self) -> str:
         if self.correct is None:
@@ -94,7 +96,11 @@ def _sequence_scores(forward, model):
 
 
 def _next_token_scores(forward, model):
-    def run(params, adapters, batch, candidates):
+    """Log-probabilities of single-token candidates after position ``score_at`` of each row, and (for rows that
+    continue with the gold answer) the summed log-probability of the ``loss_mask`` tokens: one forward pass
+    gives the choice scores and the held-out answer loss."""
+
+    def run(params, adapters, batch, candidates, score_at):
         out = forward(
             params,
             adapters,
@@ -102,10 +108,10 @@ def _next_token_scores(forward, model):
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
         )
-        last = jnp.maximum(batch["attention_mask"].sum(-1) - 1, 0)
-        logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        logits = jnp.take_along_axis(out.logits, score_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.take_along_axis(logp, jnp.maximum(candidates, 0), axis=-1)
+        scores = jnp.take_along_axis(logp, jnp.maximum(candidates, 0), axis=-1)
+        return scores, sequence_logprob(out.logits, batch), batch["loss_mask"].sum(-1)
 
     return run
 
@@ -184,15 +190,24 @@ class Evaluator:
         return self._programs[key]
 
     def score_choices(
-        self, params, adapters, prompts: Sequence[str], choices: Sequence[Sequence[str]], *, progress: bool = True
-    ) -> np.ndarray:
+        self,
+        params,
+        adapters,
+        prompts: Sequence[str],
+        choices: Sequence[Sequence[str]],
+        *,
+        answers: Sequence[str] | None = None,
+        progress: bool = True,
+    ):
         """Summed log-likelihood of each candidate continuation given its prompt: (n_prompts, max_choices)
-        float32, ``-inf`` where an example has fewer choices."""
+        float32, ``-inf`` where an example has fewer choices. With ``answers`` (the gold continuations) it
+        returns ``(scores, nll, count)``, adding each example's answer NLL and token count (as ``answer_nll``),
+        from the same forward passes when every candidate is a single token."""
         tokenizer, batch_size, max_len = self.tokenizer, self.batch_size, self.max_len
         n_choices = max((len(c) for c in choices), default=0)
         out = np.full((len(prompts), n_choices), -np.inf, np.float32)
         if not len(prompts) or not n_choices:
-            return out
+            return out if answers is None else (out, np.zeros(len(prompts)), np.zeros(len(prompts), np.int64))
         prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         flat = [c for cs in choices for c in cs]
         choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
@@ -206,21 +221,36 @@ class Evaluator:
 
         if all(len(ids) == 1 for ids in choice_ids):  # one forward pass per prompt scores every candidate
             run = self._program("next_token", with_adapters)
-            order = np.argsort([-len(p) for p in prompt_ids], kind="stable")
+            answer_ids = (
+                tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+                if answers is not None
+                else [[] for _ in prompts]
+            )
+            eos = [] if answers is None else [self._eos()]
+            rows = []
+            for p_ids, a_ids in zip(prompt_ids, answer_ids):
+                ids, n = truncate(p_ids + (a_ids + eos if answers is not None else []), len(p_ids), max_len)
+                if answers is None:
+                    ids, n = ids[-max_len:], len(ids[-max_len:])
+                rows.append({"input_ids": ids, "prompt_len": n})
+            nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
+            order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
             groups = _chunks(len(order), batch_size)
             for group in _progress(groups, len(groups), "scoring", progress):
                 idx = order[group]
-                rows = [
-                    {"input_ids": prompt_ids[i][-max_len:], "prompt_len": len(prompt_ids[i][-max_len:])} for i in idx
-                ]
-                batch = pad_batch(rows, pad_id=pad, buckets=buckets, batch_size=batch_size)
+                batch = pad_batch([rows[i] for i in idx], pad_id=pad, buckets=buckets, batch_size=batch_size)
                 cand = np.full((batch_size, n_choices), -1, np.int32)
+                score_at = np.zeros(batch_size, np.int32)
                 for r, i in enumerate(idx):
                     cand[r, : len(per_example[i])] = [ids[0] for ids in per_example[i]]
-                scores = np.asarray(run(params, adapters, batch, jnp.asarray(cand)))
+                    score_at[r] = max(rows[i]["prompt_len"] - 1, 0)
+                scores, lp, n = (
+                    to_numpy(x) for x in run(params, adapters, batch, jnp.asarray(cand), jnp.asarray(score_at))
+                )
                 for r, i in enumerate(idx):
                     out[i, : len(per_example[i])] = scores[r, : len(per_example[i])]
-            return out
+                nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
+            return out if answers is None else (out, nll, count)
 
         run = self._program("sequence", with_adapters)
         pairs = [(i, j) for i, cs in enumerate(per_example) for j in range(len(cs))]
@@ -233,11 +263,18 @@ class Evaluator:
         for group in _progress(groups, len(groups), "scoring", progress):
             idx = order[group]
             batch = pad_batch([rows[p] for p in idx], pad_id=pad, buckets=buckets, batch_size=batch_size)
-            scores = np.asarray(run(params, adapters, batch)[0])
+            scores = to_numpy(run(params, adapters, batch)[0])
             for r, p in enumerate(idx):
                 i, j = pairs[p]
                 out[i, j] = scores[r]
-        return out
+        if answers is None:
+            return out
+        nll, count = self.answer_nll(params, adapters, prompts, answers, progress=progress)
+        return out, nll, count
+
+    def _eos(self) -> int:
+        tok = self.tokenizer
+        return pad_id_of(tok) if tok.eos_token_id is None else tok.eos_token_id
 
     def answer_nll(
         self, params, adapters, prompts: Sequence[str], answers: Sequence[str], *, progress: bool = True
@@ -261,7 +298,7 @@ class Evaluator:
             batch = pad_batch(
                 [rows[p] for p in idx], pad_id=pad_id_of(tokenizer), buckets=buckets, batch_size=self.batch_size
             )
-            lp, n = (np.asarray(x) for x in run(params, adapters, batch))
+            lp, n = (to_numpy(x) for x in run(params, adapters, batch))
             nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
         return nll, count
 
@@ -294,7 +331,7 @@ class Evaluator:
                 if ids[i]:
                     tokens[r, -len(ids[i]) :], mask[r, -len(ids[i]) :] = ids[i], 1
             mask[len(idx) :, -1] = 1  # filler rows attend to one token
-            new = np.asarray(run(params, adapters, jnp.asarray(tokens), jnp.asarray(mask)))
+            new = to_numpy(run(params, adapters, jnp.asarray(tokens), jnp.asarray(mask)))
             for r, i in enumerate(idx):
                 row = new[r].tolist()
                 if eos is not None and eos in row:
@@ -311,9 +348,11 @@ class Evaluator:
         limit: int | None = None,
         max_new_tokens: int = 16,
         length_normalize: bool = False,
+        answer_loss: bool = False,
         progress: bool = True,
     ) -> EvalResult:
-        """Score a split (see ``evaluate``)."""
+        """Score a split (see ``evaluate``); ``answer_loss`` also measures the mean NLL per gold answer token
+        (the fine-tuning loss on held-out data; for single-token choices from the same forward passes)."""
         ds = getattr(task_split, "eval", task_split)
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
@@ -327,9 +366,20 @@ class Evaluator:
             )
         kind = kinds.pop()
         start = time.perf_counter()
+        loss = None
         if kind == "choice":
             choices = ds["choices"]
-            scores = self.score_choices(params, adapters, ds["prompt"], choices, progress=progress)
+            scores = self.score_choices(
+                params,
+                adapters,
+                ds["prompt"],
+                choices,
+                progress=progress,
+                answers=ds["answer"] if answer_loss else None,
+            )
+            if answer_loss:
+                scores, nll, count = scores
+                loss = float(nll.sum() / max(count.sum(), 1))
             if length_normalize:
                 lengths = np.ones_like(scores)
                 for i, cs in enumerate(choices):
@@ -338,16 +388,23 @@ class Evaluator:
             predictions = scores.argmax(-1).tolist()
             correct = int(sum(p == gold for p, gold in zip(predictions, ds["label"])))
             metric = "accuracy_norm" if length_normalize else "accuracy"
-            return EvalResult(metric, correct / len(ds), correct, len(ds), time.perf_counter() - start, predictions)
+            return EvalResult(
+                metric, correct / len(ds), correct, len(ds), time.perf_counter() - start, predictions, loss
+            )
         if kind == "number":
             texts = self.generate(params, adapters, ds["prompt"], max_new_tokens=max_new_tokens, progress=progress)
             correct = int(sum(number_match(t, a) for t, a in zip(texts, ds["answer"])))
-            return EvalResult("exact_match", correct / len(ds), correct, len(ds), time.perf_counter() - start, texts)
+            if answer_loss:
+                nll, count = self.answer_nll(params, adapters, ds["prompt"], ds["answer"], progress=progress)
+                loss = float(nll.sum() / max(count.sum(), 1))
+            return EvalResult(
+                "exact_match", correct / len(ds), correct, len(ds), time.perf_counter() - start, texts, loss
+            )
         if kind == "text":
             nll, count = self.answer_nll(params, adapters, ds["prompt"], ds["answer"], progress=progress)
             value = float(nll.sum() / max(count.sum(), 1))
             return EvalResult(
-                "nll", value, None, len(ds), time.perf_counter() - start, (nll / np.maximum(count, 1)).tolist()
+                "nll", value, None, len(ds), time.perf_counter() - start, (nll / np.maximum(count, 1)).tolist(), value
             )
         raise ValueError(f"unknown example kind {kind!r}; expected 'choice', 'number' or 'text'")
 

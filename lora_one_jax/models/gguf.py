@@ -158,11 +158,12 @@ def _llama_config(meta: _Metadata, tied: bool):
     )
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, mesh=None, rules=None):
     """``(FlaxLlamaForCausalLM, params, tokenizer)`` from a Llama-family GGUF file.
 
     ``dtype`` is the params' dtype and the model's computation dtype (float32 or bfloat16). Pass a
-    ``tokenizer`` to skip rebuilding it from the file.
+    ``tokenizer`` to skip rebuilding it from the file. Each tensor is placed as soon as it is dequantized
+    (into its ``rules`` sharding over ``mesh`` when given, see ``lora_one_jax.sharding``).
 
     Example:
         >>> from lora_one_jax.models.assets import asset_path
@@ -183,7 +184,11 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
     config = _llama_config(meta, tied="output.weight" not in names)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
 
+    from lora_one_jax.models.loaders import leaf_placer
+
+    put = leaf_placer(dtype, mesh, rules)
     params: dict = {"model": {"layers": {}}}
+    embedding = None  # a host copy for a tied lm_head
     layer_re = re.compile(r"blk\.(\d+)\.(.+)")
     for t in reader.tensors:
         w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
@@ -191,11 +196,12 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
         )
         m = layer_re.fullmatch(t.name)
         if t.name == "token_embd.weight":
-            params["model"]["embed_tokens"] = {"embedding": w}
+            embedding = w if "output.weight" not in names else None
+            params["model"]["embed_tokens"] = {"embedding": put("model/embed_tokens/embedding", w)}
         elif t.name == "output_norm.weight":
-            params["model"]["norm"] = {"weight": w}
+            params["model"]["norm"] = {"weight": put("model/norm/weight", w)}
         elif t.name == "output.weight":
-            params["lm_head"] = {"kernel": w.T}
+            params["lm_head"] = {"kernel": put("lm_head/kernel", w.T)}
         elif m and m.group(2) in _LAYER_NAMES:
             module, leaf = _LAYER_NAMES[m.group(2)]
             if m.group(2) == "attn_q.weight":
@@ -205,21 +211,18 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None):
             node = params["model"]["layers"].setdefault(m.group(1), {})
             for part in module.split("/"):
                 node = node.setdefault(part, {})
-            node[leaf] = w.T if leaf == "kernel" else w
+            node[leaf] = put(f"model/layers/{m.group(1)}/{module}/{leaf}", w.T if leaf == "kernel" else w)
         else:
             raise NotImplementedError(
                 f"GGUF tensor {t.name!r} has no FlaxLlama counterpart (biases, rope_freqs, "
                 "MoE and other variants are not supported)"
             )
-    if "lm_head" not in params:
-        params["lm_head"] = {"kernel": params["model"]["embed_tokens"]["embedding"].T}
+    if "lm_head" not in params and embedding is not None:
+        params["lm_head"] = {"kernel": put("lm_head/kernel", embedding.T)}
     missing = [str(i) for i in range(config.num_hidden_layers) if len(params["model"]["layers"].get(str(i), {})) != 4]
     if missing or "embed_tokens" not in params["model"] or "norm" not in params["model"]:
         raise ValueError(f"the GGUF file lacks tensors (layers {missing[:5]} incomplete, or no embedding/norm)")
 
-    import jax
-
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
     if tokenizer is None:
         tokenizer = gguf_tokenizer(meta)

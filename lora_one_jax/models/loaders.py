@@ -177,7 +177,7 @@ def _auto_class(config, auto_class):
     return transformers.FlaxAutoModel
 
 
-def _fill_tied_head(model, params):
+def _fill_tied_head(model, params, put):
     """FlaxLlama-style models keep a separate ``lm_head``; a tied checkpoint has none: copy the embedding."""
     expected = traverse_util.flatten_dict(model.params_shape_tree, sep="/")
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -185,7 +185,7 @@ def _fill_tied_head(model, params):
     if missing == ["lm_head/kernel"] and getattr(model.config, "tie_word_embeddings", False):
         embedding = [v for k, v in flat.items() if k.endswith("embed_tokens/embedding")]
         if len(embedding) == 1:
-            flat["lm_head/kernel"] = jnp.asarray(embedding[0]).T
+            flat["lm_head/kernel"] = put("lm_head/kernel", np.asarray(embedding[0]).T)
             missing = []
     if missing:
         raise ValueError(
@@ -202,8 +202,74 @@ def _safetensors_format(path: Path) -> str | None:
         return (f.metadata() or {}).get("format")
 
 
-def _from_pt_safetensors(cls, path: Path, config, dtype):
-    """PyTorch-written safetensors -> Flax params without random init and without torch.
+def leaf_placer(dtype, mesh=None, rules=None):
+    """``put(path, host_array) -> jax.Array``: cast floating leaves to ``dtype`` and place each one on its own,
+    into its ``rules`` sharding over ``mesh`` when given (so a sharded model is never whole on one device).
+
+    Example:
+        >>> put = leaf_placer(jnp.bfloat16)
+        >>> put("lm_head/kernel", np.ones((2, 3), np.float32)).dtype
+        dtype(bfloat16)
+    """
+    from jax.sharding import NamedSharding
+
+    from lora_one_jax.sharding import LLAMA_RULES, place, spec_for
+
+    def put(path: str, x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(jnp.dtype(dtype))
+        if mesh is None:
+            return jnp.asarray(x)
+        return place(x, NamedSharding(mesh, spec_for(path, x.shape, rules or LLAMA_RULES, mesh)))
+
+    return put
+
+
+def _pt_name(path: str, ndim: int) -> str:
+    """The PyTorch state-dict name of a Flax param path (as ``lora_one_jax.export.pytorch_state_dict`` writes it)."""
+    *prefix, leaf = path.split("/")
+    if leaf in ("kernel", "embedding", "scale"):
+        leaf = "weight"
+    return ".".join([*prefix, leaf])
+
+
+def _stream_pt_safetensors(cls, path: Path, config, dtype, put):
+    """PyTorch-written safetensors -> Flax params, tensor by tensor, without random init and without torch.
+
+    Each tensor is renamed, laid out (kernels transposed) and placed (``put``) as it is read. Returns None when
+    the checkpoint's names do not map one to one onto the model's params (the caller then converts the whole
+    state dict with transformers' converter).
+    """
+    from safetensors import safe_open
+
+    model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
+    model = model_cls(config, dtype=dtype, _do_init=False)
+    expected = traverse_util.flatten_dict(model.params_shape_tree, sep="/")
+    by_name = {_pt_name(p, len(s.shape)): p for p, s in expected.items()}
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    flat = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            name = next((k for k in (key, key.removeprefix(prefix), prefix + key) if k in by_name), None)
+            if name is None:
+                if "rotary" in key or key.endswith("masked_bias") or key.endswith(".attn.bias"):
+                    continue  # buffers PyTorch saves and Flax recomputes
+                return None
+            target, x = by_name[name], f.get_tensor(key)
+            if target.endswith("kernel") and x.ndim == 2:
+                x = x.T
+            elif target.endswith("kernel") and x.ndim == 4:
+                x = x.transpose(2, 3, 1, 0)
+            if tuple(x.shape) != tuple(expected[target].shape):
+                return None
+            flat[target] = put(target, x)
+    return model, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _from_pt_safetensors(cls, path: Path, config, dtype, put):
+    """PyTorch-written safetensors -> Flax params without random init and without torch: streamed tensor by
+    tensor (``_stream_pt_safetensors``) when the names map one to one, else through transformers' converter.
 
     (transformers' own path needs ``_do_init=True``: its converter reads ``model.params`` only for the
     target shapes, which ``params_shape_tree`` gives for free.)
@@ -213,6 +279,9 @@ def _from_pt_safetensors(cls, path: Path, config, dtype):
     from safetensors import safe_open
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
+    streamed = _stream_pt_safetensors(cls, path, config, dtype, put)
+    if streamed is not None:
+        return streamed
     model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     model = model_cls(config, dtype=dtype, _do_init=False)
     with safe_open(str(path), framework="flax") as f:
@@ -223,14 +292,22 @@ def _from_pt_safetensors(cls, path: Path, config, dtype):
     params = traverse_util.unflatten_dict(
         {k: v for k, v in traverse_util.flatten_dict(params).items() if k in expected}
     )
-    return model, params
+    return model, _put_all(params, put)
 
 
-def load_hf(folder: str | os.PathLike, *, dtype=jnp.float32, auto_class=None, tokenizer=None) -> LoadedModel:
+def _put_all(params, put):
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: put(k, v) for k, v in flat.items()}, sep="/")
+
+
+def load_hf(
+    folder: str | os.PathLike, *, dtype=jnp.float32, auto_class=None, tokenizer=None, mesh=None, rules=None
+) -> LoadedModel:
     """A local Hugging Face model folder through the ``FlaxAuto*`` classes (no random init).
 
     The class follows ``config.architectures`` (``*ForCausalLM`` -> ``FlaxAutoModelForCausalLM``, ...,
-    otherwise ``FlaxAutoModel``) unless ``auto_class`` (a class or its name) is given.
+    otherwise ``FlaxAutoModel``) unless ``auto_class`` (a class or its name) is given. With a ``mesh``,
+    every weight is placed into its ``rules`` sharding (PyTorch-written safetensors: as it is read).
 
     Example:
         >>> model, params, tok = load_hf("path/to/model")  # doctest: +SKIP
@@ -253,20 +330,22 @@ def load_hf(folder: str | os.PathLike, *, dtype=jnp.float32, auto_class=None, to
         folder = merge_safetensors_shards(folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = _auto_class(config, auto_class)
+    put = leaf_placer(dtype, mesh, rules)
     if (
         (folder / _SAFE).is_file()
         and not (folder / "flax_model.msgpack").is_file()
         and _safetensors_format(folder / _SAFE) == "pt"
     ):
-        model, params = _from_pt_safetensors(cls, folder / _SAFE, config, dtype)
+        model, params = _from_pt_safetensors(cls, folder / _SAFE, config, dtype, put)
     else:
         model, params = cls.from_pretrained(folder, config=config, dtype=dtype, _do_init=False)
-    params = _fill_tied_head(model, params)
+        params = _put_all(params, put)
+    params = _fill_tied_head(model, params, put)
     if tokenizer is None and any(
         (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
     ):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return LoadedModel(model, cast_params(params, dtype), tokenizer)
+    return LoadedModel(model, params, tokenizer)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -287,11 +366,15 @@ def _hub_snapshot(repo_id: str) -> Path:
 KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama")
 
 
-def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, auto_class=None) -> LoadedModel:
+def load_model(
+    spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, auto_class=None, mesh=None, rules=None
+) -> LoadedModel:
     """``(model, params, tokenizer)`` for a known name, a ``.gguf`` file, a HF folder or a hub id (see module doc).
 
     ``tokenizer`` replaces the one that would be loaded; ``auto_class`` picks the ``FlaxAuto*`` class
-    for HF folders.
+    for HF folders. With a device ``mesh`` every weight goes straight into its sharding by ``rules``
+    (default ``lora_one_jax.sharding.LLAMA_RULES``): GGUF files and PyTorch-written safetensors tensor by
+    tensor as they are read, so no device (and no host buffer) ever holds the whole model at once.
 
     Example:
         >>> model, params, tok = load_model("toy-llama", dtype=jnp.bfloat16)
@@ -301,22 +384,27 @@ def load_model(spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, au
     """
     name = os.fspath(spec)
     if name == "smollm2-135m":
-        return LoadedModel(*load_gguf(asset_path("smollm2"), dtype=dtype, tokenizer=tokenizer))
+        return LoadedModel(*load_gguf(asset_path("smollm2"), dtype=dtype, tokenizer=tokenizer, mesh=mesh, rules=rules))
     if name == "minilm-l6":
         return load_hf(
-            asset_path("minilm-l6"), dtype=dtype, tokenizer=tokenizer, auto_class=auto_class or "FlaxAutoModel"
+            asset_path("minilm-l6"),
+            dtype=dtype,
+            tokenizer=tokenizer,
+            mesh=mesh,
+            rules=rules,
+            auto_class=auto_class or "FlaxAutoModel",
         )
     if name == "toy-llama":
         model, params, tok = toy_llama(dtype=dtype)
-        return LoadedModel(model, params, tokenizer or tok)
+        return LoadedModel(model, _put_all(params, leaf_placer(dtype, mesh, rules)), tokenizer or tok)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return LoadedModel(*load_gguf(path, dtype=dtype, tokenizer=tokenizer))
+        return LoadedModel(*load_gguf(path, dtype=dtype, tokenizer=tokenizer, mesh=mesh, rules=rules))
     if path.is_dir():
-        return load_hf(path, dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)
+        return load_hf(path, dtype=dtype, auto_class=auto_class, tokenizer=tokenizer, mesh=mesh, rules=rules)
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
         raise FileNotFoundError(
             f"{name!r} is neither a .gguf file nor a Hugging Face model folder with config.json; "
             f"known names: {', '.join(KNOWN_MODELS)}"
         )
-    return load_hf(_hub_snapshot(name), dtype=dtype, auto_class=auto_class, tokenizer=tokenizer)
+    return load_hf(_hub_snapshot(name), dtype=dtype, auto_class=auto_class, tokenizer=tokenizer, mesh=mesh, rules=rules)
