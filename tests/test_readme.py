@@ -9,21 +9,31 @@ import pytest
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def run_block(index):
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[index]
+def block(marker: str) -> str:
+    """The README's python block that contains ``marker``."""
+    found = [code for code in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if marker in code]
+    assert len(found) == 1, f"expected one python block with {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def run_block(marker: str, replace: tuple[str, str] | None = None) -> dict:
+    code = block(marker)
+    if replace:
+        assert replace[0] in code
+        code = code.replace(*replace)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     return namespace
 
 
 def test_ten_line_example_runs_and_starts_at_the_base_model():
-    ns = run_block(0)
+    ns = run_block("merged = lj.merge(params, adapters, config)")
     assert (ns["logits"] == ns["model"](ns["ids"]).logits).all()
     assert set(ns["grads"]) == set(ns["adapters"])
 
 
 def test_lora_one_recipe_runs_and_starts_aligned():
-    ns = run_block(1)
+    ns = run_block("lj.alignment(adapters, grads)")
     assert jnp.isfinite(ns["loss"])
     assert set(ns["grads"]) == set(ns["adapters"]) and len(ns["adapters"]) == 6
     lj, model, config = ns["lj"], ns["model"], ns["config"]
@@ -37,9 +47,11 @@ def test_lora_one_recipe_runs_and_starts_aligned():
 @pytest.mark.slow
 def test_real_model_example_runs_on_a_slice():
     """The SmolLM2 + BoolQ example, on 20 examples instead of 200 to keep CI short."""
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
-    assert "limit=200" in code
-    namespace = {}
-    exec(compile(code.replace("limit=200", "limit=20"), "README.md", "exec"), namespace)
-    result = namespace["result"]
-    assert re.fullmatch(r"0\.\d{3} \(\d+/20\)", str(result))
+    ns = run_block('load_task("boolq")', ("limit=200", "limit=20"))
+    assert re.fullmatch(r"0\.\d{3} \(\d+/20\)", str(ns["result"]))
+
+
+def test_the_readme_first_command_is_the_default_config():
+    text = README.read_text()
+    first = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    assert "lora-one-train\n" in first or first.rstrip().endswith("lora-one-train")

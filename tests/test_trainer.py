@@ -70,6 +70,15 @@ def test_every_shipped_config_parses_and_validates(path):
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 
 
+@pytest.mark.parametrize("name, devices", [("pod-tpu-v5e-16", 16), ("pod-tpu-v4-32", 16), ("gpu-8", 8)])
+def test_pod_configs_fill_their_machines(name, devices):
+    cfg = load_config(name)
+    m = cfg.mesh
+    assert m.data * m.fsdp * m.tensor == devices
+    assert cfg.train.batch_size % (m.data * m.fsdp) == 0
+    assert m.distributed == name.startswith("pod")
+
+
 def test_paper_setups_match_the_paper():
     math_cfg = load_config("math-llama2-7b")
     assert (math_cfg.lora.rank, math_cfg.lora.alpha, math_cfg.lora.rslora, math_cfg.lora.targets) == (

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.compare and args.method:
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
         setup_distributed(cfg)
         from train.run import run
 
-        return run(cfg, progress=not args.no_progress)
+        run(cfg, progress=not args.no_progress)
     except ConfigError as e:
         print(f"lora-one-train: {e}", file=sys.stderr)
         raise SystemExit(2) from None

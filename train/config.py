@@ -189,12 +189,17 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation every ``every`` steps (0: only before and after) on ``limit`` examples (None: all)."""
+    """Held-out evaluation every ``every`` steps (0: only before and after) on ``limit`` examples (None: all).
+
+    Every evaluation measures the held-out answer loss; ``score: false`` skips the task metric (accuracy or
+    exact match), which for generation tasks costs far more than the loss.
+    """
 
     every: int = 0
     limit: int | None = 200
     batch_size: int = 16
     max_new_tokens: int = 16
+    score: bool = True
 
     def __post_init__(self):
         _positive_int(self.every, "eval.every", allow_zero=True)

@@ -57,12 +57,13 @@ def plot_curves(histories: dict[str, list[dict]], path, *, title: str = "") -> P
     metric = "score"
     for method, history in histories.items():
         train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-        evals = [r for r in history if "eval/score" in r]
+        evals = [r for r in history if "eval/answer_loss" in r]
         if train:
             axes[0].plot(*zip(*train), label=method, alpha=0.85)
         if evals:
             metric = evals[0].get("eval/metric", metric)
-            axes[1].plot([r["step"] for r in evals], [r["eval/score"] for r in evals], marker="o", label=method)
+            scored = [r for r in evals if r.get("eval/score") is not None]
+            axes[1].plot([r["step"] for r in scored], [r["eval/score"] for r in scored], marker="o", label=method)
             axes[2].plot([r["step"] for r in evals], [r["eval/answer_loss"] for r in evals], marker="o", label=method)
     for ax, name in zip(axes, ("training loss", f"held-out {metric}", "held-out answer loss (nats/token)")):
         ax.set_title(name)

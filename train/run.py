@@ -77,6 +77,8 @@ class Context:
     mesh: object = None  # a jax Mesh when the run is sharded (config section `mesh`), else None
     rules: tuple = ()
     grads: dict | None = None
+    steps: dict = dataclasses.field(default_factory=dict)  # compiled train steps, see compiled_step
+    loss_fn: object = None  # the full fine-tuning loss (one function: its gradient step compiles once)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -109,6 +111,9 @@ def schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
 def optimizer(cfg: RunConfig, total_steps: int, precondition: bool) -> optax.GradientTransformation:
     """The one recipe of every method: clip by global norm -> (LoRA-One preconditioner) -> AdamW.
 
+    The AdamW inside follows the schedule's *shape* (peak 1.0): the train step multiplies its updates by
+    the peak learning rate, an argument, so runs that differ only in learning rate share one compiled step.
+
     Example:
         >>> from train.config import RunConfig
         >>> opt = optimizer(RunConfig(), 10, precondition=True)
@@ -116,9 +121,10 @@ def optimizer(cfg: RunConfig, total_steps: int, precondition: bool) -> optax.Gra
         3
     """
     o = cfg.optim
+    shape = schedule(dataclasses.replace(cfg, optim=dataclasses.replace(o, learning_rate=1.0)), total_steps)
     parts = [optax.clip_by_global_norm(o.clip_norm) if o.clip_norm is not None else optax.identity()]
     parts.append(lj.lora_one_precond(o.damping) if precondition else optax.identity())
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    parts.append(optax.adamw(shape, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
     return optax.chain(*parts)
 
 
@@ -150,8 +156,9 @@ def estimate(ctx: Context) -> dict:
     """The full fine-tuning gradient, computed once per run and shared by the methods that need it."""
     if ctx.grads is None:
         with ctx.phases("gradient estimate"):
+            ctx.loss_fn = ctx.loss_fn or lj.full_loss_fn(ctx.model)
             ctx.grads = lj.estimate_gradient(
-                lj.full_loss_fn(ctx.model),
+                ctx.loss_fn,
                 ctx.params,
                 gradient_batches(ctx),
                 ctx.cfg.lora,
@@ -186,6 +193,11 @@ def evaluate(ctx: Context, base, adapters) -> dict:
         else ctx.task.eval.select(range(min(cfg.eval.limit, len(ctx.task.eval))))
     )
     with ctx.phases("evaluation"):
+        if not cfg.eval.score:
+            nll, count = ctx.evaluator.answer_nll(
+                base, adapters, split["prompt"], split["answer"], progress=ctx.progress
+            )
+            return {"metric": "answer_loss", "score": None, "answer_loss": float(nll.sum() / max(count.sum(), 1))}
         result = ctx.evaluator.evaluate(
             base, adapters, split, max_new_tokens=cfg.eval.max_new_tokens, answer_loss=True, progress=ctx.progress
         )
@@ -246,6 +258,58 @@ def to_host(tree):
     return jax.tree.map(to_numpy, tree)
 
 
+def compiled_step(ctx: Context, init: str, precondition: bool, opt, steps: int, layout, trainable, opt_state):
+    """The jitted train step (frozen weights are arguments, the state buffers are donated), built once per
+    context for a given recipe and adapter layout and reused by every run that shares them (other seeds,
+    other peak learning rates, other methods with the same optimizer)."""
+    cfg = ctx.cfg
+    leaves, treedef = jax.tree.flatten(trainable)
+    key = (
+        init == "full",
+        precondition,
+        steps,
+        dataclasses.replace(cfg.optim, learning_rate=1.0),
+        cfg.lora,
+        layout,
+        treedef,
+        tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves),
+    )
+    if key in ctx.steps:
+        return ctx.steps[key]
+    if init == "full":
+        full_loss = lj.full_loss_fn(ctx.model)
+        loss_of = lambda base, trainable, batch, rng: full_loss(trainable, batch)
+    else:
+        lora_loss = lj.lora_loss_fn(ctx.model, cfg.lora)
+        use_rng = cfg.lora.dropout > 0
+
+        def loss_of(base, trainable, batch, rng):
+            return lora_loss(base, lj.unstack_adapters(trainable, layout), batch, lora_rng=rng if use_rng else None)
+
+    def train_step(base, trainable, opt_state, batches, rng, peak_lr):
+        def micro(acc, batch_and_index):
+            batch, i = batch_and_index
+            loss, g = jax.value_and_grad(loss_of, argnums=1)(base, trainable, batch, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, acc, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        accum = jax.tree.leaves(batches)[0].shape[0]
+        grads, losses = jax.lax.scan(micro, zeros, (batches, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        updates = jax.tree.map(lambda u: (u * peak_lr).astype(u.dtype), updates)
+        return optax.apply_updates(trainable, updates), opt_state, losses.mean(), optax.global_norm(grads)
+
+    if ctx.mesh is None:
+        step = jax.jit(train_step, donate_argnums=(1, 2))
+    else:  # the state keeps its shardings from step to step
+        replicated = NamedSharding(ctx.mesh, P())
+        out = (_shardings(trainable), _shardings(opt_state), replicated, replicated)
+        step = jax.jit(train_step, donate_argnums=(1, 2), out_shardings=out)
+    ctx.steps[key] = step
+    return step
+
+
 # ----------------------------------------------------------------------------- one method
 
 
@@ -304,36 +368,8 @@ def fit(ctx: Context, method: str) -> dict:
     elif log.exists() and _main():
         log.unlink()
 
-    # --- the compiled step: frozen weights are arguments, the state buffers are donated ---
-    if init == "full":
-        full_loss = lj.full_loss_fn(ctx.model)
-        loss_of = lambda base, trainable, batch, rng: full_loss(trainable, batch)
-    else:
-        lora_loss = lj.lora_loss_fn(ctx.model, cfg.lora)
-        use_rng = cfg.lora.dropout > 0
-
-        def loss_of(base, trainable, batch, rng):
-            return lora_loss(base, lj.unstack_adapters(trainable, layout), batch, lora_rng=rng if use_rng else None)
-
-    def train_step(base, trainable, opt_state, batches, rng):
-        def micro(acc, batch_and_index):
-            batch, i = batch_and_index
-            loss, g = jax.value_and_grad(loss_of, argnums=1)(base, trainable, batch, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, acc, g), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        accum = jax.tree.leaves(batches)[0].shape[0]
-        grads, losses = jax.lax.scan(micro, zeros, (batches, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, losses.mean(), optax.global_norm(grads)
-
-    if ctx.mesh is None:
-        step_fn = jax.jit(train_step, donate_argnums=(1, 2))
-    else:  # the state keeps its shardings from step to step
-        replicated = NamedSharding(ctx.mesh, P())
-        out = (_shardings(trainable), _shardings(opt_state), replicated, replicated)
-        step_fn = jax.jit(train_step, donate_argnums=(1, 2), out_shardings=out)
+    step_fn = compiled_step(ctx, init, precondition, opt, steps, layout, trainable, opt_state)
+    peak_lr = jnp.float32(cfg.optim.learning_rate)
     key = jax.random.key(cfg.seed)
 
     def current_eval(step):
@@ -378,7 +414,7 @@ def fit(ctx: Context, method: str) -> dict:
                 rows = _batch_sharding(ctx.mesh, shape)
                 stacked = jax.tree.map(lambda x, rows=rows: place(x, rows), stacked)
             trainable, opt_state, loss, gnorm = step_fn(
-                base, trainable, opt_state, stacked, jax.random.fold_in(key, step)
+                base, trainable, opt_state, stacked, jax.random.fold_in(key, step), peak_lr
             )
             shapes_seen.add(shape)
             window_tokens += int(sum(b["attention_mask"].sum() for b in batches))
@@ -418,7 +454,7 @@ def fit(ctx: Context, method: str) -> dict:
     # --- export ---
     with ctx.phases("export"):
         exported = export(ctx, folder, method, base, trainable, layout)  # every process gathers, the first writes
-    evals = [r for r in history if "eval/score" in r]
+    evals = [r for r in history if "eval/answer_loss" in r]
     train_losses = [r["loss"] for r in history if "loss" in r]
     summary = {
         "method": method,
@@ -490,6 +526,12 @@ def build_mesh(cfg: RunConfig):
         mesh = make_mesh(m.data, m.fsdp, m.tensor)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % rows:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of mesh data x fsdp = {rows} "
+            "(every device of the data axes gets whole rows)"
+        )
     return (mesh if mesh.size > 1 else None), PARTITION_RULES[m.rules]
 
 
