@@ -46,7 +46,7 @@ from train.config import RunConfig
 from train.run import Context, Phases, fit
 
 METHODS = ["lora", "lora-one-init", "lora-one", "lora-precond", "pissa", "lora-ga"]
-TASKS = {"asdiv": {"max_len": 128, "score_during": False}, "tweet-sentiment": {"max_len": 64, "score_during": True}}
+TASKS = {"asdiv": {"max_len": 96, "score_during": False}, "tweet-sentiment": {"max_len": 64, "score_during": True}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -22,7 +22,14 @@ from lora_one_jax.adapters import (
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
 from lora_one_jax.diagnostics import alignment, subspace_angles
 from lora_one_jax.gradient import estimate_gradient
-from lora_one_jax.losses import causal_lm_loss, full_loss_fn, lora_loss_fn, sequence_logprob, token_logprobs
+from lora_one_jax.losses import (
+    causal_lm_loss,
+    full_loss_fn,
+    lora_loss_fn,
+    seq2seq_loss,
+    sequence_logprob,
+    token_logprobs,
+)
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
@@ -65,6 +72,7 @@ __all__ = [
     "causal_lm_loss",
     "full_loss_fn",
     "lora_loss_fn",
+    "seq2seq_loss",
     "sequence_logprob",
     "token_logprobs",
 ]

@@ -4,7 +4,8 @@ A batch is a dict of ``(batch, length)`` arrays: ``input_ids``, ``attention_mask
 and ``loss_mask`` (1 on the tokens the model must predict: the answer and eos). Token ``t`` is
 predicted from the logits at ``t - 1``. ``causal_lm_loss`` is the mean negative log-likelihood per
 ``loss_mask`` token (the official LoRA-One / Hugging Face loss with prompt labels ``-100``);
-``full_loss_fn`` and ``lora_loss_fn`` build it for a model, without and with adapters.
+``full_loss_fn`` and ``lora_loss_fn`` build it for a model, without and with adapters; for an
+encoder-decoder batch (``pad_seq2seq_batch``: T5) they use ``seq2seq_loss`` instead.
 
 Example:
     >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
@@ -61,12 +62,40 @@ def causal_lm_loss(logits: jax.Array, batch) -> jax.Array:
     return -(token_logprobs(logits, batch["input_ids"]) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
+def seq2seq_loss(logits: jax.Array, batch) -> jax.Array:
+    """Mean negative log-likelihood of an encoder-decoder's ``labels`` per ``loss_mask`` token (the decoder
+    logits at position ``t`` predict ``labels[t]``); 0 for an empty mask.
+
+    Example:
+        >>> b = {"labels": jnp.array([[1, 2]]), "loss_mask": jnp.array([[1.0, 0.0]])}
+        >>> round(float(seq2seq_loss(jnp.zeros((1, 2, 4)), b)), 4)  # uniform over 4 tokens: log 4
+        1.3863
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"]
+    return -(picked * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def is_seq2seq(batch) -> bool:
+    """Whether ``batch`` is an encoder-decoder batch (``lora_one_jax.data.pad_seq2seq_batch``)."""
+    return "decoder_input_ids" in batch
+
+
 def _logits(out) -> jax.Array:
     return out.logits if hasattr(out, "logits") else out
 
 
 def _model_inputs(batch) -> dict:
-    return {"attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+    if is_seq2seq(batch):
+        keys = ("attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    else:
+        keys = ("attention_mask", "position_ids")
+    return {k: batch[k] for k in keys}
+
+
+def _loss(logits, batch) -> jax.Array:
+    return seq2seq_loss(logits, batch) if is_seq2seq(batch) else causal_lm_loss(logits, batch)
 
 
 def full_loss_fn(model) -> Callable:
@@ -87,7 +116,7 @@ def full_loss_fn(model) -> Callable:
         forward = lambda params, ids, **kw: model.apply({"params": params}, ids, **kw)
 
     def loss(params, batch):
-        return causal_lm_loss(_logits(forward(params, batch["input_ids"], **_model_inputs(batch))), batch)
+        return _loss(_logits(forward(params, batch["input_ids"], **_model_inputs(batch))), batch)
 
     return loss
 
@@ -110,6 +139,6 @@ def lora_loss_fn(model, config: LoraConfig) -> Callable:
 
     def loss(base, adapters, batch, lora_rng=None):
         out = apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **_model_inputs(batch))
-        return causal_lm_loss(_logits(out), batch)
+        return _loss(_logits(out), batch)
 
     return loss

@@ -248,3 +248,31 @@ def test_rerun_with_another_config_refuses_to_resume(tmp_path):
     cfg["train"]["steps"] = 4
     with pytest.raises(ConfigError, match="holds a checkpoint of another configuration"):
         run(RunConfig.from_dict(cfg), progress=False)
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_trains_end_to_end(tmp_path):
+    """T5-style: the prompt goes into the encoder, the label word comes out of the decoder."""
+    path = tmp_path / "sentiment.jsonl"
+    rows = [{"text": f"review {i}: {'great' if i % 2 else 'awful'} film", "label": i % 2} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(tmp_path, methods=["lora", "lora-one"], **{"model.spec": "toy-t5", "export.merged": True})
+    cfg["task"] = {
+        "spec": f"jsonl:{path}",
+        "max_len": 32,
+        "eval_size": 8,
+        "options": {
+            "template": "sst2 sentence: {text}",
+            "fields": {"label": "label"},
+            "choices": ["negative", "positive"],
+        },
+    }
+    cfg["lora"]["targets"] = "all-linear"
+    out = run(RunConfig.from_dict(cfg), progress=False)
+    for method in ("lora", "lora-one"):
+        r = out["methods"][method]
+        assert r["metric"] == "accuracy" and np.isfinite(r["answer_loss_after"])
+        assert r["train_loss_last"] < r["train_loss_first"]
+        assert all(len(shape) == 2 for shape in r["compiled_step_shapes"])  # (encoder, decoder) lengths
+    first = {m: out["methods"][m]["history"][0]["eval/answer_loss"] for m in ("lora", "lora-one")}
+    assert first["lora-one"] < first["lora"]  # the spectral init already lowers the held-out loss at step 0

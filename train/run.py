@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_one_jax as lj
-from lora_one_jax.data import BatchStream, load_task, pad_batch, pad_id_of, tokenize
+from lora_one_jax.data import BatchStream, load_task, pad_batch, pad_id_of, pad_seq2seq_batch, tokenize
 from lora_one_jax.eval import Evaluator
 from lora_one_jax.export import fold_residual, load_adapters, save_adapters, save_peft
 from lora_one_jax.models import load_model
@@ -148,8 +148,18 @@ def gradient_batches(ctx: Context) -> list[dict]:
         raise ConfigError(f"init.grad_examples={cfg.grad_examples} but the training split has {len(train)} examples")
     data = tokenize(train.select(range(cfg.grad_examples)), ctx.tokenizer, max_len=ctx.cfg.task.max_len)
     rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
-    size = cfg.grad_batch_size
-    return [pad_batch(rows[i : i + size], pad_id=pad_id_of(ctx.tokenizer)) for i in range(0, len(rows), size)]
+    size, pad, start = cfg.grad_batch_size, pad_id_of(ctx.tokenizer), decoder_start(ctx.model)
+    if start is not None:
+        return [
+            pad_seq2seq_batch(rows[i : i + size], pad_id=pad, decoder_start_id=start) for i in range(0, len(rows), size)
+        ]
+    return [pad_batch(rows[i : i + size], pad_id=pad) for i in range(0, len(rows), size)]
+
+
+def decoder_start(model) -> int | None:
+    """An encoder-decoder model's decoder start token (its batches are seq2seq batches), else None."""
+    config = getattr(model, "config", None)
+    return config.decoder_start_token_id if getattr(config, "is_encoder_decoder", False) else None
 
 
 def estimate(ctx: Context) -> dict:
@@ -320,7 +330,14 @@ def fit(ctx: Context, method: str) -> dict:
     folder = cfg.out_dir / method
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(folder / "checkpoints", keep=cfg.checkpoint.keep)
-    stream = BatchStream(ctx.task.train, ctx.tokenizer, cfg.train.batch_size, max_len=cfg.task.max_len, seed=cfg.seed)
+    stream = BatchStream(
+        ctx.task.train,
+        ctx.tokenizer,
+        cfg.train.batch_size,
+        max_len=cfg.task.max_len,
+        seed=cfg.seed,
+        decoder_start_id=decoder_start(ctx.model),
+    )
     steps = total_steps(cfg, len(ctx.task.train))
     opt = optimizer(cfg, steps, precondition)
     lr = schedule(cfg, steps)
@@ -416,7 +433,7 @@ def fit(ctx: Context, method: str) -> dict:
             trainable, opt_state, loss, gnorm = step_fn(
                 base, trainable, opt_state, stacked, jax.random.fold_in(key, step), peak_lr
             )
-            shapes_seen.add(shape)
+            shapes_seen.add(tuple(stacked[k].shape[-1] for k in ("input_ids", "labels") if k in stacked))
             window_tokens += int(sum(b["attention_mask"].sum() for b in batches))
             pending.append((step, loss, gnorm))
             if step % cfg.train.log_every == 0 or step == steps:
@@ -467,7 +484,7 @@ def fit(ctx: Context, method: str) -> dict:
         "answer_loss_after": evals[-1]["eval/answer_loss"] if evals else None,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
-        "compiled_step_shapes": sorted(list(shape) for shape in shapes_seen),
+        "compiled_step_shapes": sorted(list(shape) for shape in shapes_seen),  # (length,) or (encoder, decoder)
         "trainable_parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
         "exports": exported,
     }

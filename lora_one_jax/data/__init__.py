@@ -12,6 +12,7 @@ from lora_one_jax.data.batching import (
     encode,
     pad_batch,
     pad_id_of,
+    pad_seq2seq_batch,
     tokenize,
     truncate,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "load_task",
     "pad_batch",
     "pad_id_of",
+    "pad_seq2seq_batch",
     "read_jsonl",
     "tokenize",
     "truncate",

@@ -195,6 +195,56 @@ def pad_batch(
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "position_ids": positions}
 
 
+def pad_seq2seq_batch(
+    rows: Sequence[dict],
+    *,
+    pad_id: int,
+    decoder_start_id: int,
+    buckets: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Encoder-decoder rows (``input_ids`` = prompt + answer + eos, ``prompt_len``, as ``tokenize`` makes
+    them) as one batch for a seq2seq model (T5): the prompt is the encoder's input, the answer (+ eos) the
+    decoder's target.
+
+    ``input_ids`` / ``attention_mask`` (encoder), ``decoder_input_ids`` (the start token, then the target
+    shifted right), ``decoder_attention_mask``, ``labels`` (the target) and ``loss_mask`` (1 on the target).
+    Encoder and decoder lengths are bucketed separately.
+
+    Example:
+        >>> b = pad_seq2seq_batch([{"input_ids": [5, 6, 7, 8], "prompt_len": 2}], pad_id=0, decoder_start_id=0)
+        >>> b["input_ids"].tolist(), b["decoder_input_ids"].tolist(), b["labels"].tolist()
+        ([[5, 6]], [[0, 7]], [[7, 8]])
+    """
+    if not rows:
+        raise ValueError("pad_seq2seq_batch needs at least one row")
+    prompts = [list(r["input_ids"][: r["prompt_len"]]) or [pad_id] for r in rows]
+    targets = [list(r["input_ids"][r["prompt_len"] :]) for r in rows]
+    enc_len = max(len(p) for p in prompts)
+    dec_len = max(max(len(t) for t in targets), 1)
+    if buckets:
+        enc_len, dec_len = _bucket(enc_len, buckets), _bucket(dec_len, buckets)
+    n = batch_size or len(rows)
+    if n < len(rows):
+        raise ValueError(f"batch_size={batch_size} is smaller than the {len(rows)} rows given")
+    out = {
+        "input_ids": np.full((n, enc_len), pad_id, np.int32),
+        "attention_mask": np.zeros((n, enc_len), np.int32),
+        "decoder_input_ids": np.full((n, dec_len), pad_id, np.int32),
+        "decoder_attention_mask": np.zeros((n, dec_len), np.int32),
+        "labels": np.full((n, dec_len), pad_id, np.int32),
+        "loss_mask": np.zeros((n, dec_len), np.float32),
+    }
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        out["input_ids"][i, : len(p)], out["attention_mask"][i, : len(p)] = p, 1
+        shifted = [decoder_start_id] + t[:-1]
+        out["decoder_input_ids"][i, : len(shifted)] = shifted
+        out["decoder_attention_mask"][i, : max(len(t), 1)] = 1
+        out["labels"][i, : len(t)], out["loss_mask"][i, : len(t)] = t, 1.0
+    out["decoder_attention_mask"][len(rows) :, 0] = 1  # filler rows attend to their start token
+    return out
+
+
 def batches(
     ds: datasets.Dataset,
     tokenizer,

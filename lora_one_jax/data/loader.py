@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import datasets
 import numpy as np
 
-from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, tokenize
+from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, pad_seq2seq_batch, tokenize
 
 
 class BatchStream:
@@ -34,7 +34,9 @@ class BatchStream:
 
     Every batch has ``batch_size`` rows (epochs are cut into whole batches; the remainder of an epoch is
     dropped, as a different permutation follows) and a length from ``buckets`` (default
-    ``bucket_lengths(max_len)``), so a jitted step compiles one program per bucket at most.
+    ``bucket_lengths(max_len)``), so a jitted step compiles one program per bucket at most. With
+    ``decoder_start_id`` (an encoder-decoder model's ``config.decoder_start_token_id``) the batches are
+    ``pad_seq2seq_batch``'s: the prompt goes into the encoder, the answer comes out of the decoder.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class BatchStream:
         max_len: int = 512,
         buckets: Sequence[int] | None = None,
         seed: int = 0,
+        decoder_start_id: int | None = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -59,6 +62,7 @@ class BatchStream:
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.buckets = tuple(buckets) if buckets is not None else bucket_lengths(max_len)
         self.pad_id = pad_id_of(tokenizer)
+        self.decoder_start_id = decoder_start_id
         self.batches_per_epoch = len(self.rows) // self.batch_size
         self.epoch, self.batch = 0, 0
         self._order = None
@@ -77,7 +81,12 @@ class BatchStream:
         order = self._permutation()
         chosen = order[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
         self.batch += 1
-        return pad_batch([self.rows[i] for i in chosen], pad_id=self.pad_id, buckets=self.buckets)
+        rows = [self.rows[i] for i in chosen]
+        if self.decoder_start_id is not None:
+            return pad_seq2seq_batch(
+                rows, pad_id=self.pad_id, decoder_start_id=self.decoder_start_id, buckets=self.buckets
+            )
+        return pad_batch(rows, pad_id=self.pad_id, buckets=self.buckets)
 
     def take(self, n: int) -> list[dict[str, np.ndarray]]:
         """The next ``n`` batches, as a list."""

@@ -389,6 +389,7 @@ def from_records(
     template: str | None = None,
     kind: str | None = None,
     answer_prefix: str = " ",
+    choices: Sequence[str] | None = None,
     source: str = "the dataset",
 ) -> datasets.Dataset:
     """Any ``Dataset`` of records -> the standard columns.
@@ -398,7 +399,8 @@ def from_records(
     the columns) builds the prompt instead. ``answer_prefix`` is put before the answer and each
     choice unless they already start with whitespace. ``kind`` defaults to ``"choice"`` when there
     are choices, else ``"text"`` (``"number"`` for numeric exact match). A string ``label`` is looked
-    up among the choices. A row without a prompt or answer, with an integer label outside the choices,
+    up among the choices. ``choices`` gives one fixed list of candidates for every row (classification
+    data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row without a prompt or answer, with an integer label outside the choices,
     or with a string answer that is not among them raises ``DataError`` naming ``source`` and the row:
     nothing is dropped or guessed silently.
 
@@ -416,20 +418,27 @@ def from_records(
     for ours in ("prompt", "answer", "choices", "label"):
         if ours not in fields and ours in cols and not (ours == "prompt" and template):
             fields[ours] = ours
+    if choices is not None:
+        if isinstance(choices, str) or len(choices) < 2 or "choices" in fields:
+            raise ValueError(
+                f"{source}: choices= must be a list of at least 2 strings (and not with fields['choices'])"
+            )
+        if "label" not in fields:
+            raise ValueError(f"{source}: choices= needs fields={{'label': COLUMN}}; columns: {sorted(cols)}")
     needed = [c for k, c in fields.items() if k in ("prompt", "answer", "choices", "label")]
     if template is None and "prompt" not in fields:
         raise ValueError(
             f"{source}: no prompt: pass fields={{'prompt': COLUMN}} or template='...{{COLUMN}}...'; "
             f"columns: {sorted(cols)}"
         )
-    if "answer" not in fields and "choices" not in fields:
+    if "answer" not in fields and "choices" not in fields and choices is None:
         raise ValueError(
             f"{source}: no answer: pass fields={{'answer': COLUMN}} (or 'choices' + 'label'); columns: {sorted(cols)}"
         )
     missing = [c for c in needed if c not in cols]
     if missing:
         raise ValueError(f"{source}: columns {missing} named in fields={fields} do not exist; columns: {sorted(cols)}")
-    has_choices = "choices" in fields
+    has_choices = "choices" in fields or choices is not None
     kind = kind or ("choice" if has_choices else "text")
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
@@ -456,33 +465,33 @@ def from_records(
             raise ValueError(
                 f"{source}: template {template!r} names {e}, which is not a column; columns: {sorted(cols)}"
             ) from None
-        choices, label = [], -1
+        candidates, label = [], -1
         if has_choices:
-            raw_choices = value("choices")
+            raw_choices = value("choices") if choices is None else choices
             if isinstance(raw_choices, str) or len(raw_choices) < 2:
                 column = fields["choices"]
                 fail(f"field 'choices' (column {column!r}) must be a list of at least 2 strings, got {raw_choices!r}")
-            choices = [pre(str(c)) for c in raw_choices]
+            candidates = [pre(str(c)) for c in raw_choices]
             raw = value("label") if "label" in fields else value("answer")
             if isinstance(raw, str):
-                if pre(raw) not in choices:
-                    fail(f"the answer {raw!r} is not one of the choices {choices}")
-                label = choices.index(pre(raw))
-            elif isinstance(raw, (int, np.integer)) and not isinstance(raw, bool) and 0 <= raw < len(choices):
+                if pre(raw) not in candidates:
+                    fail(f"the answer {raw!r} is not one of the choices {candidates}")
+                label = candidates.index(pre(raw))
+            elif isinstance(raw, (int, np.integer)) and not isinstance(raw, bool) and 0 <= raw < len(candidates):
                 label = int(raw)
             else:
                 fail(
                     f"label {raw!r} (column {fields.get('label', fields.get('answer'))!r}) is not an index into its "
-                    f"{len(choices)} choices (0..{len(choices) - 1}); unlabelled rows must be removed"
+                    f"{len(candidates)} choices (0..{len(candidates) - 1}); unlabelled rows must be removed"
                 )
-        answer = pre(str(value("answer"))) if not has_choices else choices[label]
-        return _example(prompt, answer, choices, label, kind)
+        answer = pre(str(value("answer"))) if not has_choices else candidates[label]
+        return _example(prompt, answer, candidates, label, kind)
 
     return _standardise(ds, fmt, with_indices=True)
 
 
 def _split_records(name, records, seed, split_seed, eval_size, opts, eval_records=None, eval_name=None) -> Task:
-    fmt = {k: opts.pop(k) for k in ("fields", "template", "kind", "answer_prefix") if k in opts}
+    fmt = {k: opts.pop(k) for k in ("fields", "template", "kind", "answer_prefix", "choices") if k in opts}
     if opts:
         raise TypeError(f"unknown options {sorted(opts)} for {name!r}")
     ds = _dedupe(from_records(records, source=name, **fmt))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_one_jax.config import LoraConfig
-from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, truncate
+from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, pad_seq2seq_batch, truncate
 from lora_one_jax.losses import sequence_logprob
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import to_numpy
@@ -82,7 +82,22 @@ def _forward(model, config: LoraConfig | None, with_adapters: bool) -> Callable:
 
 
 def _sequence_scores(forward, model):
+    """Per row: the summed log-probability of the ``loss_mask`` tokens and their count (causal LM or, for a
+    ``pad_seq2seq_batch`` batch, encoder-decoder)."""
+
     def run(params, adapters, batch):
+        if "decoder_input_ids" in batch:
+            out = forward(
+                params,
+                adapters,
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"],
+                decoder_attention_mask=batch["decoder_attention_mask"],
+            )
+            logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+            picked = jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+            return (picked * batch["loss_mask"]).sum(-1), batch["loss_mask"].sum(-1)
         out = forward(
             params,
             adapters,
@@ -175,6 +190,7 @@ class Evaluator:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self.batch_size, self.max_len = int(batch_size), int(max_len)
         self._programs: dict = {}
 
@@ -219,7 +235,7 @@ class Evaluator:
         pad = pad_id_of(tokenizer)
         with_adapters = adapters is not None
 
-        if all(len(ids) == 1 for ids in choice_ids):  # one forward pass per prompt scores every candidate
+        if all(len(ids) == 1 for ids in choice_ids) and not self.seq2seq:  # one pass per prompt scores every candidate
             run = self._program("next_token", with_adapters)
             answer_ids = (
                 tokenizer(list(answers), add_special_tokens=False)["input_ids"]
@@ -262,7 +278,7 @@ class Evaluator:
         groups = _chunks(len(order), batch_size)
         for group in _progress(groups, len(groups), "scoring", progress):
             idx = order[group]
-            batch = pad_batch([rows[p] for p in idx], pad_id=pad, buckets=buckets, batch_size=batch_size)
+            batch = self._pad([rows[p] for p in idx], buckets)
             scores = to_numpy(run(params, adapters, batch)[0])
             for r, p in enumerate(idx):
                 i, j = pairs[p]
@@ -271,6 +287,19 @@ class Evaluator:
             return out
         nll, count = self.answer_nll(params, adapters, prompts, answers, progress=progress)
         return out, nll, count
+
+    def _pad(self, rows, buckets):
+        """Rows (``input_ids`` = prompt + continuation, ``prompt_len``) as a batch for this model."""
+        if self.seq2seq:
+            start = self.model.config.decoder_start_token_id
+            return pad_seq2seq_batch(
+                rows,
+                pad_id=pad_id_of(self.tokenizer),
+                decoder_start_id=start,
+                buckets=buckets,
+                batch_size=self.batch_size,
+            )
+        return pad_batch(rows, pad_id=pad_id_of(self.tokenizer), buckets=buckets, batch_size=self.batch_size)
 
     def _eos(self) -> int:
         tok = self.tokenizer
@@ -295,9 +324,7 @@ class Evaluator:
         buckets = bucket_lengths(self.max_len)
         for group in _progress(groups, len(groups), "answer NLL", progress):
             idx = order[group]
-            batch = pad_batch(
-                [rows[p] for p in idx], pad_id=pad_id_of(tokenizer), buckets=buckets, batch_size=self.batch_size
-            )
+            batch = self._pad([rows[p] for p in idx], buckets)
             lp, n = (to_numpy(x) for x in run(params, adapters, batch))
             nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
         return nll, count
@@ -311,6 +338,11 @@ class Evaluator:
         shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...).
         """
         model, tokenizer = self.model, self.tokenizer
+        if self.seq2seq:
+            raise NotImplementedError(
+                f"greedy generation is implemented for causal LMs; {type(model).__name__} is an encoder-decoder: "
+                "evaluate it on choice tasks (scored by likelihood) or by answer loss (eval.score: false)"
+            )
         if not hasattr(model, "init_cache"):
             raise TypeError(f"{type(model).__name__} has no init_cache; generate needs a Hugging Face Flax causal LM")
         if max_new_tokens < 1:

