@@ -400,8 +400,8 @@ def from_records(
     choice unless they already start with whitespace. ``kind`` defaults to ``"choice"`` when there
     are choices, else ``"text"`` (``"number"`` for numeric exact match). A string ``label`` is looked
     up among the choices. ``choices`` gives one fixed list of candidates for every row (classification
-    data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row without a prompt or answer, with an integer label outside the choices,
-    or with a string answer that is not among them raises ``DataError`` naming ``source`` and the row:
+    data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row
+    without a prompt or answer, with an integer label outside the choices, or with a string answer that is not among them raises ``DataError`` naming ``source`` and the row:
     nothing is dropped or guessed silently.
 
     Example:
