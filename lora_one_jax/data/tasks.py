@@ -401,8 +401,9 @@ def from_records(
     are choices, else ``"text"`` (``"number"`` for numeric exact match). A string ``label`` is looked
     up among the choices. ``choices`` gives one fixed list of candidates for every row (classification
     data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row
-    without a prompt or answer, with an integer label outside the choices, or with a string answer that is not among them raises ``DataError`` naming ``source`` and the row:
-    nothing is dropped or guessed silently.
+    without a prompt or answer, with an integer label outside the choices, or with a string answer that
+    is not among them raises ``DataError`` naming ``source`` and the row: nothing is dropped or guessed
+    silently.
 
     Example:
         >>> ds = datasets.Dataset.from_list([{"q": "1+1", "a": "2"}])
