@@ -22,7 +22,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import shard_map
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,50 +67,29 @@ def _plan(mats: dict[str, jax.Array], ranks: dict[str, int], what: str, factor: 
     )
 
 
-def _sharded_top_svd(x, rank, *, method, key, tol, mesh, shard):
-    """``top_svd`` of a stack, spread over ``mesh``: ``"stack"`` gives every device its share of the matrices
-    (``shard_map``; the stack is padded to a multiple of the device count), ``"rows"`` splits each matrix's
-    rows (a matrix too large for one device: GSPMD shards the randomized SVD's matmuls)."""
-    if shard == "stack":
-        n, pad = x.shape[0], -x.shape[0] % mesh.size
-        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])]) if pad else x
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(AXES)))
-        svd = shard_map(
-            lambda xs: top_svd(xs, rank, method=method, key=key, tol=tol),
-            mesh=mesh,
-            in_specs=P(AXES),
-            out_specs=P(AXES),
-            check_vma=False,
-        )  # no collectives inside
-        return tuple(t[:n] for t in svd(x))
-    if shard == "rows":
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, AXES)))
-    return top_svd(x, rank, method=method, key=key, tol=tol)
+@partial(jax.jit, static_argnames=("index", "transposed", "negate", "pad", "sharding"))
+def _stack(mats, key, *, index, transposed, negate, pad, sharding):
+    """The group's matrices stacked (taller-than-wide ones transposed, negated for LoRA-One), padded with
+    ``pad`` copies of the first one, laid out by ``sharding``; each matrix's largest |entry|; the group's key."""
+    x = jnp.stack([(m.T if t else m).astype(jnp.float32) for m, t in zip(mats, transposed)])
+    x = -x if negate else x
+    peak = jnp.max(jnp.abs(x), axis=(-2, -1))
+    if pad:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+    if sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+    return x, peak, jax.random.fold_in(key, index)
 
 
-@partial(
-    jax.jit, static_argnames=("index", "rank", "transposed", "method", "kind", "gamma", "dtype", "tol", "mesh", "shard")
-)
-def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamma, dtype, tol, mesh=None, shard=None):
-    """One group's stacked SVD and adapter factors in one compiled program.
+@partial(jax.jit, static_argnames=("rank", "transposed", "kind", "gamma", "dtype"))
+def _factors(u, s, v, scales, *, rank, transposed, kind, gamma, dtype):
+    """Adapter factors from each matrix's SVD and whether the SVD is finite (padding rows dropped).
 
     ``kind``: ``"lora-one"`` (balanced factors of -G scaled by 1/sqrt(gamma s1)), ``"pissa"`` (balanced
     factors of W over sqrt(scale)) or ``"lora-ga"`` (left 0..r / right r..2r singular vectors of G).
-    Returns per matrix ``(a, b)``, its largest |entry| and whether its SVD is finite. (Groups run as
-    separate programs: on CPU, XLA hung when one program held two of the SVD's while-loops.)
     """
-    x = jnp.stack([(m.T if t else m).astype(jnp.float32) for m, t in zip(mats, transposed)])
-    x = -x if kind == "lora-one" else x
-    u, s, v = _sharded_top_svd(
-        x,
-        2 * rank if kind == "lora-ga" else rank,
-        method=method,
-        tol=tol,
-        mesh=mesh,
-        shard=shard,
-        key=jax.random.fold_in(key, index),
-    )
-    peak = jnp.max(jnp.abs(x), axis=(-2, -1))
+    n = len(transposed)
+    u, s, v = u[:n], s[:n], v[:n]
     ok = jnp.isfinite(s).all(-1) & jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(v).all((-2, -1))
     out = []
     for k, t in enumerate(transposed):
@@ -123,7 +101,22 @@ def _svd_group(mats, scales, key, *, index, rank, transposed, method, kind, gamm
             root = jnp.sqrt(s[k]) / jnp.sqrt(gamma * s[k, 0]) if kind == "lora-one" else jnp.sqrt(s[k] / scales[k])
             a, b = uk * root, (vk * root).T
         out.append((a.astype(dtype), b.astype(dtype)))
-    return out, peak, ok
+    return out, ok
+
+
+def _svd_per_device(x, rank, *, method, key, tol):
+    """The SVDs of a stack sharded over its first axis, each device computing its own shard with its own
+    (single-device) program, dispatched asynchronously; the results are the shards of global arrays.
+
+    Plain per-device programs rather than ``shard_map``: on XLA:CPU, partitioned programs holding the
+    SVD's while-loop could hang; this way no collective ever runs inside a loop, on any backend."""
+    shards = [(shard.data, shard.device) for shard in x.addressable_shards]
+    results = [top_svd(data, rank, method=method, key=key, tol=tol) for data, _ in shards]
+    out = []
+    for i, reference in enumerate(jax.eval_shape(lambda y: top_svd(y, rank, method=method, key=key, tol=tol), x)):
+        sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
+        out.append(jax.make_array_from_single_device_arrays(reference.shape, sharding, [r[i] for r in results]))
+    return tuple(out)
 
 
 def _shard_mode(mesh, n: int, m: int) -> str | None:
@@ -146,7 +139,9 @@ def _run(
     tol: float = 1e-3,
     mesh=None,
 ) -> Adapters:
-    """Plan, run ``_svd_group`` per group and check every module's matrix and SVD (errors name the module)."""
+    """Plan, then per group stack, SVD and build factors, and check every module's matrix and SVD (errors name
+    the module). Each group is its own few compiled programs (on CPU, XLA hung when one program held two of
+    the SVD's while-loops)."""
     ranks = {p: config.rank_for(p) for p in mats}
     plan = _plan(mats, ranks, what, factor=2 if kind == "lora-ga" else 1)
     key = jax.random.key(0) if key is None else key  # (a new key array per call: no compile)
@@ -154,20 +149,33 @@ def _run(
     adapters, checks = {}, []
     for i, (rank, paths, transposed) in enumerate(plan):  # dispatch every group first (async), then check them
         scales = np.asarray([config.scale_for(p) for p in paths], np.float32)
-        factors, peak, ok = _svd_group(
+        shard = _shard_mode(mesh, len(paths), min(mats[paths[0]].shape))
+        pad = -len(paths) % mesh.size if shard == "stack" else 0
+        layout = {"stack": P(AXES), "rows": P(None, AXES)}.get(shard)
+        x, peak, group_key = _stack(
             [mats[p] for p in paths],
-            scales,
             key,
             index=i,
+            transposed=transposed,
+            negate=kind == "lora-one",
+            pad=pad,
+            sharding=None if layout is None else NamedSharding(mesh, layout),
+        )
+        svd_rank = 2 * rank if kind == "lora-ga" else rank
+        if shard == "stack":  # every device its share of the stack
+            u, s, v = _svd_per_device(x, svd_rank, method=method, key=group_key, tol=float(tol))
+        else:  # one device, or rows split over the devices (GSPMD shards the matmuls)
+            u, s, v = top_svd(x, svd_rank, method=method, key=group_key, tol=float(tol))
+        factors, ok = _factors(
+            u,
+            s,
+            v,
+            scales,
             rank=rank,
             transposed=transposed,
-            method=method,
             kind=kind,
             gamma=float(gamma),
             dtype=jnp.dtype(config.dtype).name,
-            tol=float(tol),
-            mesh=mesh,
-            shard=_shard_mode(mesh, len(paths), min(mats[paths[0]].shape)),
         )
         adapters.update({p: {"a": a, "b": b} for p, (a, b) in zip(paths, factors)})
         checks.append((peak, ok))

@@ -70,6 +70,8 @@ def plot_curves(histories: dict[str, list[dict]], path, *, title: str = "") -> P
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
+    for ax in (axes[0], axes[2]):  # losses span orders of magnitude in the first steps
+        ax.set_yscale("log")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
