@@ -111,7 +111,10 @@ def _svd_per_device(x, rank, *, method, key, tol):
     Plain per-device programs rather than ``shard_map``: on XLA:CPU, partitioned programs holding the
     SVD's while-loop could hang; this way no collective ever runs inside a loop, on any backend."""
     shards = [(shard.data, shard.device) for shard in x.addressable_shards]
-    results = [top_svd(data, rank, method=method, key=key, tol=tol) for data, _ in shards]
+    local_keys = (
+        {shard.device: shard.data for shard in key.addressable_shards} if hasattr(key, "addressable_shards") else {}
+    )
+    results = [top_svd(data, rank, method=method, key=local_keys.get(device, key), tol=tol) for data, device in shards]
     out = []
     for i, reference in enumerate(jax.eval_shape(lambda y: top_svd(y, rank, method=method, key=key, tol=tol), x)):
         sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
