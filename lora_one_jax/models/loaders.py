@@ -78,6 +78,19 @@ def cast_params(params, dtype):
     return jax.tree.map(cast, params)
 
 
+def _random_params(model, seed: int, std: float):
+    """Random params for ``model``'s shapes: normal(``std``) weights, ones for norm scales (``weight`` leaves),
+    as ``init_weights`` draws them, but in numpy: instant, where tracing the Flax init takes seconds."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(model.params_shape_tree)
+    return traverse_util.unflatten_dict(
+        {
+            k: np.ones(v.shape, np.float32) if k[-1] == "weight" else rng.normal(0.0, std, v.shape).astype(np.float32)
+            for k, v in flat.items()
+        }
+    )
+
+
 def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     """A tiny random ``FlaxLlamaForCausalLM`` (2 layers, hidden 64) over ``toy_tokenizer()``'s 260 tokens.
 
@@ -107,18 +120,7 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     sizes.update(overrides)
     config = LlamaConfig(**sizes)
     model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
-    # Same distribution as model.init_weights (normal(initializer_range) weights, unit norms), drawn in
-    # numpy: instant, where tracing the Flax init takes seconds.
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(model.params_shape_tree)
-    params = traverse_util.unflatten_dict(
-        {
-            k: np.ones(s.shape, np.float32)
-            if k[-1] == "weight"
-            else rng.normal(0.0, config.initializer_range, s.shape).astype(np.float32)
-            for k, s in flat.items()
-        }
-    )
+    params = _random_params(model, seed, config.initializer_range)
     return LoadedModel(model, cast_params(params, dtype), tok)
 
 
@@ -148,14 +150,7 @@ def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     )
     sizes.update(overrides)
     model = FlaxT5ForConditionalGeneration(T5Config(**sizes), dtype=dtype, _do_init=False)
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(model.params_shape_tree)
-    params = traverse_util.unflatten_dict(
-        {
-            k: np.ones(v.shape, np.float32) if k[-1] == "weight" else rng.normal(0.0, 0.05, v.shape).astype(np.float32)
-            for k, v in flat.items()
-        }
-    )
+    params = _random_params(model, seed, 0.05)
     return LoadedModel(model, cast_params(params, dtype), tok)
 
 
