@@ -50,23 +50,34 @@ TASKS = {"asdiv": {"max_len": 96, "score_during": False}, "tweet-sentiment": {"m
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_config(args, task: str, method: str, lr: float, seed: int, out: Path) -> RunConfig:
+#: ``--ablate``: LoRA-One variants (init section overrides) trained at LoRA-One's chosen learning rate.
+ABLATIONS = {
+    "gamma16": {"init": {"gamma": 16.0}},
+    "gamma512": {"init": {"gamma": 512.0}},
+    "grad64": {"init": {"grad_examples": 64, "grad_batch_size": 8}},
+    "damping1e-3": {"optim": {"damping": 1e-3}},
+}
+
+
+def run_config(args, task: str, method: str, lr: float, seed: int, out: Path, variant: str = "") -> RunConfig:
+    over = ABLATIONS.get(variant, {})
     return RunConfig.from_dict(
         {
-            "name": f"{method}-lr{lr:g}-seed{seed}",
+            "name": f"{method}{'-' + variant if variant else ''}-lr{lr:g}-seed{seed}",
             "output_dir": str(out / task / "runs" / "{name}"),
             "seed": seed,
             "methods": [method],
             "model": {"spec": args.model},
             "task": {"spec": task, "max_len": TASKS[task]["max_len"]},
             "lora": {"rank": 8, "alpha": 16.0, "rslora": True, "targets": TARGETS},
-            "init": {"grad_examples": 8, "grad_batch_size": 1, "gamma": 128.0},
+            "init": {"grad_examples": 8, "grad_batch_size": 1, "gamma": 128.0, **over.get("init", {})},
             "optim": {
                 "learning_rate": lr,
                 "schedule": "linear",
                 "warmup_ratio": 0.03,
                 "weight_decay": 0.0,
                 "clip_norm": 1.0,
+                **over.get("optim", {}),
             },
             "train": {"steps": args.steps, "batch_size": 8, "log_every": 1},
             "eval": {
@@ -105,9 +116,9 @@ _TASKS: dict = {}
 _GRADS: dict = {}  # (task, seed) -> the gradient estimate: the same examples for every method and learning rate
 
 
-def context(args, shared, task_name, method, lr, seed, out) -> Context:
+def context(args, shared, task_name, method, lr, seed, out, variant="") -> Context:
     model, params, tok, steps_cache, evaluator = shared
-    cfg = run_config(args, task_name, method, lr, seed, out)
+    cfg = run_config(args, task_name, method, lr, seed, out, variant)
     if task_name not in _TASKS:
         _TASKS[task_name] = load_task(task_name, seed=0)
     task, validation = split_validation(_TASKS[task_name], args.val_size, seed)
@@ -121,23 +132,27 @@ def context(args, shared, task_name, method, lr, seed, out) -> Context:
         Phases(),
         progress=False,
         steps=steps_cache,
-        grads=_GRADS.get((task_name, seed)),
+        grads=_GRADS.get((task_name, seed, ABLATIONS.get(variant, {}).get("init", {}).get("grad_examples", 8))),
     )
     return ctx, validation
 
 
-def run_one(args, shared, task_name, method, lr, seed, out) -> dict:
+def record_path(out: Path, task_name, method, lr, seed, variant="") -> Path:
+    return out / task_name / (method + (f"-{variant}" if variant else "")) / f"lr{lr:g}-seed{seed}.json"
+
+
+def run_one(args, shared, task_name, method, lr, seed, out, variant="") -> dict:
     """Train one (method, lr, seed) and measure it on the validation split; saved, so reruns skip it."""
-    path = out / task_name / method / f"lr{lr:g}-seed{seed}.json"
+    path = record_path(out, task_name, method, lr, seed, variant)
     if path.exists():
         return json.loads(path.read_text())
     if args.report_only:
         raise SystemExit(f"--report-only: {path} is missing; run the benchmark first")
-    ctx, validation = context(args, shared, task_name, method, lr, seed, out)
+    ctx, validation = context(args, shared, task_name, method, lr, seed, out, variant)
     start = time.perf_counter()
     result = fit(ctx, method)
     if ctx.grads is not None:
-        _GRADS[(task_name, seed)] = ctx.grads
+        _GRADS[(task_name, seed, ctx.cfg.init.grad_examples)] = ctx.grads
     base, adapters = trained(ctx, method)
     if ctx.task.kind == "choice":
         val = ctx.evaluator.evaluate(base, adapters, validation, answer_loss=True, progress=False)
@@ -150,6 +165,7 @@ def run_one(args, shared, task_name, method, lr, seed, out) -> dict:
     record = {
         "task": task_name,
         "method": method,
+        "variant": variant,
         "lr": lr,
         "seed": seed,
         "seconds": time.perf_counter() - start,
@@ -175,7 +191,8 @@ def with_test_score(args, shared, record, out) -> dict:
     of greedy generations on ``--test-limit`` examples (ASDiv)."""
     if "test_score" in record:
         return record
-    ctx, _ = context(args, shared, record["task"], record["method"], record["lr"], record["seed"], out)
+    variant = record.get("variant", "")
+    ctx, _ = context(args, shared, record["task"], record["method"], record["lr"], record["seed"], out, variant)
     base, adapters = trained(ctx, record["method"])
     test = (
         ctx.task.eval
@@ -184,8 +201,9 @@ def with_test_score(args, shared, record, out) -> dict:
     )
     r = ctx.evaluator.evaluate(base, adapters, test, answer_loss=True, progress=False)
     record.update(test_score=r.value, test_loss=r.answer_loss, test_size=r.total, test_metric=r.metric)
-    path = out / record["task"] / record["method"] / f"lr{record['lr']:g}-seed{record['seed']}.json"
-    path.write_text(json.dumps(record) + "\n")
+    record_path(out, record["task"], record["method"], record["lr"], record["seed"], variant).write_text(
+        json.dumps(record) + "\n"
+    )
     print(f"  {record['task']} {record['method']} seed={record['seed']}: held-out {r.metric} {r.value:.3f}", flush=True)
     return record
 
@@ -255,6 +273,8 @@ def report(out: Path, results: dict, args) -> str:
                 + f" | {mean_spread(r.get('test_score') for r in runs)} "
                 f"| {mean_spread(np.mean(r['train_loss'][-5:]) for r in runs)} | {reach_txt} |"
             )
+            if " (" in method:  # ablations: in the table only
+                continue
             losses = np.array([r["train_loss"] for r in runs])
             steps = np.arange(1, losses.shape[1] + 1)
             kernel = np.ones(5) / 5
@@ -282,6 +302,7 @@ def report(out: Path, results: dict, args) -> str:
         grid = ", ".join(
             f"{m}: " + " ".join(f"{lr:g}->{v:.3f}" for lr, v in sorted(e["search"].items()))
             for m, e in by_method.items()
+            if e["search"]
         )
         lines += [
             f"Validation {'accuracy' if kind == 'choice' else 'answer loss'} by learning rate (seed 0): {grid}",
@@ -306,6 +327,11 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--quick", action="store_true", help="toy model, 6 steps, 2 learning rates, 2 seeds")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also train LoRA-One with gamma 16 / 512, 64 gradient examples, damping 1e-3",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.lrs, args.seeds, args.eval_limit, args.test_limit, args.val_size = (
@@ -347,6 +373,17 @@ def main(argv=None):
                 "runs": runs,
                 "search": {lr: (r["val_score"] if kind == "choice" else r["val_loss"]) for lr, r in search.items()},
             }
+        if args.ablate and "lora-one" in results[task_name]:  # LoRA-One's knobs, at its chosen learning rate
+            best = results[task_name]["lora-one"]["lr"]
+            for variant in ABLATIONS:
+                runs = [
+                    run_one(args, shared, task_name, "lora-one", best, seed, out, variant) for seed in range(args.seeds)
+                ]
+                results[task_name][f"lora-one ({variant})"] = {
+                    "lr": best,
+                    "runs": [with_test_score(args, shared, r, out) for r in runs],
+                    "search": {},
+                }
     print(report(out, results, args))
 
 
