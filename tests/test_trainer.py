@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -276,3 +277,12 @@ def test_an_encoder_decoder_trains_end_to_end(tmp_path):
         assert all(len(shape) == 2 for shape in r["compiled_step_shapes"])  # (encoder, decoder) lengths
     first = {m: out["methods"][m]["history"][0]["eval/answer_loss"] for m in ("lora", "lora-one")}
     assert first["lora-one"] < first["lora"]  # the spectral init already lowers the held-out loss at step 0
+
+
+def test_bfloat16_compute_trains_float32_adapters(tmp_path):
+    cfg = tiny_config(tmp_path, methods=["lora-one"], **{"model.dtype": "bfloat16", "train.steps": 2,
+                                                          "eval.every": 0, "checkpoint.every": 0})
+    out = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]
+    trainable, _ = out["final_state"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))  # LoraConfig.dtype
+    assert np.isfinite(out["train_loss_last"]) and np.isfinite(out["answer_loss_after"])
