@@ -280,8 +280,11 @@ def test_an_encoder_decoder_trains_end_to_end(tmp_path):
 
 
 def test_bfloat16_compute_trains_float32_adapters(tmp_path):
-    cfg = tiny_config(tmp_path, methods=["lora-one"], **{"model.dtype": "bfloat16", "train.steps": 2,
-                                                          "eval.every": 0, "checkpoint.every": 0})
+    cfg = tiny_config(
+        tmp_path,
+        methods=["lora-one"],
+        **{"model.dtype": "bfloat16", "train.steps": 2, "eval.every": 0, "checkpoint.every": 0},
+    )
     out = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]
     trainable, _ = out["final_state"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))  # LoraConfig.dtype
