@@ -257,7 +257,8 @@ def report(out: Path, results: dict, args) -> str:
             f"| held-out {metric} | training loss (last 5 steps) | steps to LoRA's final training loss |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        panels = 3 if kind == "choice" else 2  # the choice task also plots its held-out accuracy
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2))
         for method, entry in by_method.items():
             runs = entry["runs"]
             at = {e["step"]: [] for e in runs[0]["evals"]}
@@ -278,16 +279,25 @@ def report(out: Path, results: dict, args) -> str:
             losses = np.array([r["train_loss"] for r in runs])
             steps = np.arange(1, losses.shape[1] + 1)
             kernel = np.ones(5) / 5
-            smooth = np.array([np.convolve(x, kernel, mode="same") for x in losses])
+            smooth = np.array([np.convolve(x, kernel, mode="valid") for x in losses])  # no zero-padded edges
             mean, lo, hi = smooth.mean(0), smooth.min(0), smooth.max(0)
-            (line,) = axes[0].plot(steps, mean, label=method)
-            axes[0].fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+            (line,) = axes[0].plot(steps[len(kernel) - 1 :], mean, label=method)
+            axes[0].fill_between(steps[len(kernel) - 1 :], lo, hi, color=line.get_color(), alpha=0.15)
             eval_steps = sorted(at)
-            vals = np.array([[e["answer_loss"] for e in r["evals"]] for r in runs])
-            axes[1].errorbar(
-                eval_steps, vals.mean(0), yerr=vals.std(0), marker="o", capsize=3, label=method, color=line.get_color()
-            )
-        axes[0].set_title("training loss (5-step running mean; band: min-max over seeds)")
+            for ax, key in zip(axes[1:], ["answer_loss", "score"]):
+                vals = np.array([[e[key] for e in r["evals"]] for r in runs])
+                ax.errorbar(
+                    eval_steps,
+                    vals.mean(0),
+                    yerr=vals.std(0),
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                    color=line.get_color(),
+                )
+        if kind == "choice":
+            axes[2].set_title("held-out accuracy (mean ± std over seeds)")
+        axes[0].set_title("training loss (mean of the last 5 steps; band: min-max over seeds)")
         axes[1].set_title("held-out answer loss (mean ± std over seeds)")
         for ax in axes:
             ax.set_xlabel("step")
