@@ -1,6 +1,6 @@
 """LoRA-One against LoRA and its peers on real data, with a learning-rate search, seeds and error bars.
 
-    python benchmarks/quality.py                  # SmolLM2-135M on ASDiv and tweet sentiment (~3 h on 2 CPU cores)
+    python benchmarks/quality.py                  # SmolLM2-135M on ASDiv and tweet sentiment (~5 h on 2 CPU cores)
     python benchmarks/quality.py --quick          # the toy model, a few steps: checks the pipeline in ~3 min
     python benchmarks/quality.py --report-only    # redraw the table and plots from the saved runs
 
@@ -178,8 +178,9 @@ def run_one(args, shared, task_name, method, lr, seed, out, variant="") -> dict:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
+    name = method + (f" ({variant})" if variant else "")
     print(
-        f"  {task_name} {method} lr={lr:g} seed={seed}: validation loss {val_loss:.4f}, score {val_score} "
+        f"  {task_name} {name} lr={lr:g} seed={seed}: validation loss {val_loss:.4f}, score {val_score} "
         f"({record['seconds']:.0f} s)",
         flush=True,
     )
@@ -204,7 +205,8 @@ def with_test_score(args, shared, record, out) -> dict:
     record_path(out, record["task"], record["method"], record["lr"], record["seed"], variant).write_text(
         json.dumps(record) + "\n"
     )
-    print(f"  {record['task']} {record['method']} seed={record['seed']}: held-out {r.metric} {r.value:.3f}", flush=True)
+    name = record["method"] + (f" ({variant})" if variant else "")
+    print(f"  {record['task']} {name} seed={record['seed']}: held-out {r.metric} {r.value:.3f}", flush=True)
     return record
 
 
