@@ -88,6 +88,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per (devices, model) point")
     parser.add_argument("--worker", nargs=2, metavar=("DEVICES", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -107,12 +108,17 @@ def main(argv=None):
                 env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
             elif devices > available:
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", str(devices), model_name],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
+            try:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", str(devices), model_name],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                )
+            except subprocess.TimeoutExpired:  # report it and go on (XLA:CPU hung on some simulated meshes)
+                print(f"| {model_name} | - | {devices} | timed out after {args.timeout} s | | |", flush=True)
+                continue
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not lines:
                 print(f"| {model_name} | - | {devices} | failed: {out.stderr.strip().splitlines()[-1:]} | | |")
