@@ -114,7 +114,11 @@ def _svd_per_device(x, rank, *, method, key, tol):
     local_keys = (
         {shard.device: shard.data for shard in key.addressable_shards} if hasattr(key, "addressable_shards") else {}
     )
-    results = [top_svd(data, rank, method=method, key=local_keys.get(device, key), tol=tol) for data, device in shards]
+    results = []
+    for data, device in shards:
+        results.append(top_svd(data, rank, method=method, key=local_keys.get(device, key), tol=tol))
+        if device.platform == "cpu":  # one at a time: simulated CPU devices share the host's threads, and two
+            jax.block_until_ready(results[-1])  # randomized SVDs (while-loops) in flight at once hung XLA:CPU
     out = []
     for i, reference in enumerate(jax.eval_shape(lambda y: top_svd(y, rank, method=method, key=key, tol=tol), x)):
         sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
