@@ -113,7 +113,7 @@ def trained(ctx: Context, method: str):
 
 
 _TASKS: dict = {}
-_GRADS: dict = {}  # (task, seed) -> the gradient estimate: the same examples for every method and learning rate
+_GRADS: dict = {}  # (task, seed, examples) -> the gradient estimate, shared by every method and learning rate
 
 
 def context(args, shared, task_name, method, lr, seed, out, variant="") -> Context:
@@ -132,9 +132,14 @@ def context(args, shared, task_name, method, lr, seed, out, variant="") -> Conte
         Phases(),
         progress=False,
         steps=steps_cache,
-        grads=_GRADS.get((task_name, seed, ABLATIONS.get(variant, {}).get("init", {}).get("grad_examples", 8))),
+        grads=_GRADS.get((task_name, seed, cfg.init.grad_examples)),
     )
     return ctx, validation
+
+
+def label(method: str, variant: str = "") -> str:
+    """``method``, or ``"method (variant)"`` for an ablation: its name in prints and in the report."""
+    return f"{method} ({variant})" if variant else method
 
 
 def record_path(out: Path, task_name, method, lr, seed, variant="") -> Path:
@@ -178,10 +183,9 @@ def run_one(args, shared, task_name, method, lr, seed, out, variant="") -> dict:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
-    name = method + (f" ({variant})" if variant else "")
     print(
-        f"  {task_name} {name} lr={lr:g} seed={seed}: validation loss {val_loss:.4f}, score {val_score} "
-        f"({record['seconds']:.0f} s)",
+        f"  {task_name} {label(method, variant)} lr={lr:g} seed={seed}: validation loss {val_loss:.4f}, "
+        f"score {val_score} ({record['seconds']:.0f} s)",
         flush=True,
     )
     return record
@@ -205,8 +209,11 @@ def with_test_score(args, shared, record, out) -> dict:
     record_path(out, record["task"], record["method"], record["lr"], record["seed"], variant).write_text(
         json.dumps(record) + "\n"
     )
-    name = record["method"] + (f" ({variant})" if variant else "")
-    print(f"  {record['task']} {name} seed={record['seed']}: held-out {r.metric} {r.value:.3f}", flush=True)
+    print(
+        f"  {record['task']} {label(record['method'], variant)} seed={record['seed']}: "
+        f"held-out {r.metric} {r.value:.3f}",
+        flush=True,
+    )
     return record
 
 
@@ -391,7 +398,7 @@ def main(argv=None):
                 runs = [
                     run_one(args, shared, task_name, "lora-one", best, seed, out, variant) for seed in range(args.seeds)
                 ]
-                results[task_name][f"lora-one ({variant})"] = {
+                results[task_name][label("lora-one", variant)] = {
                     "lr": best,
                     "runs": [with_test_score(args, shared, r, out) for r in runs],
                     "search": {},

@@ -106,24 +106,25 @@ def _factors(u, s, v, scales, *, rank, transposed, kind, gamma, dtype):
 
 def _svd_per_device(x, rank, *, method, key, tol):
     """The SVDs of a stack sharded over its first axis, each device computing its own shard with its own
-    (single-device) program, dispatched asynchronously; the results are the shards of global arrays.
+    (single-device) program; the results are the shards of global arrays laid out like ``x``'s first axis.
 
     Plain per-device programs rather than ``shard_map``: on XLA:CPU, partitioned programs holding the
-    SVD's while-loop could hang; this way no collective ever runs inside a loop, on any backend."""
-    shards = [(shard.data, shard.device) for shard in x.addressable_shards]
+    SVD's while-loop could hang; this way no collective ever runs inside a loop, on any backend. On GPU/TPU
+    the programs are dispatched asynchronously; on CPU one at a time (the simulated devices share the host's
+    threads, and two randomized SVDs in flight at once hung XLA:CPU)."""
     local_keys = (
         {shard.device: shard.data for shard in key.addressable_shards} if hasattr(key, "addressable_shards") else {}
     )
     results = []
-    for data, device in shards:
-        results.append(top_svd(data, rank, method=method, key=local_keys.get(device, key), tol=tol))
-        if device.platform == "cpu":  # one at a time: simulated CPU devices share the host's threads, and two
-            jax.block_until_ready(results[-1])  # randomized SVDs (while-loops) in flight at once hung XLA:CPU
-    out = []
-    for i, reference in enumerate(jax.eval_shape(lambda y: top_svd(y, rank, method=method, key=key, tol=tol), x)):
-        sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
-        out.append(jax.make_array_from_single_device_arrays(reference.shape, sharding, [r[i] for r in results]))
-    return tuple(out)
+    for shard in x.addressable_shards:
+        results.append(top_svd(shard.data, rank, method=method, key=local_keys.get(shard.device, key), tol=tol))
+        if shard.device.platform == "cpu":
+            jax.block_until_ready(results[-1])
+    sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
+    return tuple(
+        jax.make_array_from_single_device_arrays((x.shape[0], *part.shape[1:]), sharding, [r[i] for r in results])
+        for i, part in enumerate(results[0])
+    )
 
 
 def _shard_mode(mesh, n: int, m: int) -> str | None:
