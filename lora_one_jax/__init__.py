@@ -31,7 +31,7 @@ from lora_one_jax.losses import (
     token_logprobs,
 )
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
-from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
+from lora_one_jax.spectral import gradient_passes, lora_ga_init, pissa_init, spectral_init, spectral_init_streamed
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
 from lora_one_jax.transform import lora_delta, with_lora
 
@@ -56,12 +56,14 @@ __all__ = [
     "with_lora",
     # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",
+    "gradient_passes",
     "lora_ga_init",
     "lora_one",
     "lora_one_precond",
     "pissa_init",
     "precondition_pair",
     "spectral_init",
+    "spectral_init_streamed",
     # linear algebra and diagnostics
     "alignment",
     "best_rank",

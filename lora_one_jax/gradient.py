@@ -118,6 +118,21 @@ def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shar
     return acc, finite, jnp.isfinite(losses)
 
 
+def _selected(targets: dict, modules: Iterable[str] | None) -> dict:
+    if modules is None:
+        return targets
+    if isinstance(modules, str):
+        raise TypeError(f"modules must be a list of module paths, got the string {modules!r}")
+    modules = list(modules)
+    unknown = sorted(set(modules) - set(targets))
+    if unknown or not modules:
+        raise ValueError(
+            f"modules {unknown[:5] or '[]'} are not among the config's targeted modules "
+            f"({sorted(targets)[:5]}{' ...' if len(targets) > 5 else ''}); pass a non-empty subset of them"
+        )
+    return {p: targets[p] for p in modules}
+
+
 def estimate_gradient(
     loss_fn: Callable[[Any, Any], jax.Array],
     params,
@@ -125,6 +140,7 @@ def estimate_gradient(
     config: LoraConfig,
     *,
     micro_batches_per_step: int = 8,
+    modules: Iterable[str] | None = None,
     progress: bool = True,
 ) -> dict[str, jax.Array]:
     """Mean gradient of ``loss_fn`` w.r.t. every kernel ``config`` targets: ``{module_path: G (d_in, d_out)}``.
@@ -138,6 +154,8 @@ def estimate_gradient(
     The result is in float32 and Flax orientation: kernels listed in ``config.transposed_kernels``
     (stored (d_out, d_in)) get their gradient transposed to (d_in, d_out). A NaN or Inf raises
     ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar.
+    ``modules`` (module paths, a subset of the targets) differentiates only those kernels: the
+    streamed spectral init (``spectral_init_streamed``) computes one group's gradients per pass this way.
 
     Example:
         >>> params = {"fc": {"kernel": jnp.ones((3, 2))}}
@@ -145,6 +163,9 @@ def estimate_gradient(
         >>> g = estimate_gradient(loss_fn, params, [jnp.ones((4, 3))] * 3, lj.LoraConfig(rank=1), progress=False)
         >>> g["fc"].shape, g["fc"].dtype
         ((3, 2), dtype('float32'))
+        >>> sorted(estimate_gradient(loss_fn, params, [jnp.ones((4, 3))], lj.LoraConfig(rank=1), modules=["fc"],
+        ...                          progress=False))
+        ['fc']
     """
     if (
         isinstance(micro_batches_per_step, bool)
@@ -153,7 +174,7 @@ def estimate_gradient(
     ):
         raise ValueError(f"micro_batches_per_step must be a positive integer, got {micro_batches_per_step!r}")
     apply_hf_fixes()
-    targets = find_targets(params, config)
+    targets = _selected(find_targets(params, config), modules)
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")

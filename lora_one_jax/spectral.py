@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax.config import Adapters, LoraConfig
+from lora_one_jax.config import Adapters, LoraConfig, find_targets
+from lora_one_jax.gradient import estimate_gradient
 from lora_one_jax.sharding import AXES, mesh_of, to_numpy
 from lora_one_jax.svd import top_svd
 
@@ -146,16 +149,19 @@ def _run(
     gamma: float = 1.0,
     tol: float = 1e-3,
     mesh=None,
+    plan: tuple | None = None,
 ) -> Adapters:
     """Plan, then per group stack, SVD and build factors, and check every module's matrix and SVD (errors name
     the module). Each group is its own few compiled programs (on CPU, XLA hung when one program held two of
-    the SVD's while-loops)."""
-    ranks = {p: config.rank_for(p) for p in mats}
-    plan = _plan(mats, ranks, what, factor=2 if kind == "lora-ga" else 1)
+    the SVD's while-loops). ``plan`` (``((index, group), ...)``, a part of a whole plan) runs only those groups,
+    each with the sketch key of its index in the whole plan (the streamed init's passes)."""
+    if plan is None:
+        ranks = {p: config.rank_for(p) for p in mats}
+        plan = tuple(enumerate(_plan(mats, ranks, what, factor=2 if kind == "lora-ga" else 1)))
     key = jax.random.key(0) if key is None else key  # (a new key array per call: no compile)
     mesh = mesh if mesh is not None else mesh_of(mats)
     adapters, checks = {}, []
-    for i, (rank, paths, transposed) in enumerate(plan):  # dispatch every group first (async), then check them
+    for i, (rank, paths, transposed) in plan:  # dispatch every group first (async), then check them
         scales = np.asarray([config.scale_for(p) for p in paths], np.float32)
         shard = _shard_mode(mesh, len(paths), min(mats[paths[0]].shape))
         pad = -len(paths) % mesh.size if shard == "stack" else 0
@@ -189,7 +195,7 @@ def _run(
         checks.append((peak, ok))
     peak = np.concatenate([to_numpy(p) for p, _ in checks])
     ok = np.concatenate([to_numpy(o) for _, o in checks])
-    for j, path in enumerate(p for _, paths, _ in plan for p in paths):
+    for j, path in enumerate(p for _, (_, paths, _) in plan for p in paths):
         if not np.isfinite(peak[j]):
             raise ValueError(
                 f"{what} of module {path!r} contains NaN or Inf; fix the loss or data (or exclude the module)"
@@ -234,10 +240,154 @@ def spectral_init(
         >>> bool(jnp.allclose(ad["fc"]["a"].T @ ad["fc"]["a"], jnp.diag(s[:2]) / (128 * s[0]), atol=1e-6))
         True
     """
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    _check_gamma(gamma)
     mats = _matrices(grads, "grads")
     return _run(mats, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol, mesh=mesh)
+
+
+def _check_gamma(gamma) -> None:
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+
+
+def _pack(plan: tuple, sizes: dict[str, int], budget: int) -> list[tuple]:
+    """The plan's groups packed, in order, into passes of total size <= ``budget``: whole groups while they
+    fit, a group larger than the budget split into slices (at least one matrix each)."""
+    passes, current, used = [], [], 0
+    for i, (rank, paths, transposed) in enumerate(plan):
+        cost = sum(sizes[p] for p in paths)
+        if current and used + cost > budget:
+            passes.append(tuple(current))
+            current, used = [], 0
+        if cost <= budget:
+            current.append((i, (rank, paths, transposed)))
+            used += cost
+            continue
+        per = max(1, budget // sizes[paths[0]])  # a group's matrices all have the same size
+        passes.extend(((i, (rank, paths[j : j + per], transposed[j : j + per])),) for j in range(0, len(paths), per))
+    if current:
+        passes.append(tuple(current))
+    return passes
+
+
+def _free_bytes(params) -> int | None:
+    """Free memory of the device holding the params (the host's available memory on CPU), if known."""
+    leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    device = next(iter(leaf.devices())) if leaf is not None else jax.devices()[0]
+    stats = device.memory_stats()  # None where the backend keeps none (CPU)
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def gradient_passes(
+    params, config: LoraConfig, *, kernels_per_pass: int | None = None, max_bytes: int | None = None
+) -> list[list[str]]:
+    """The module paths whose gradients ``spectral_init_streamed`` computes together, one list per pass.
+
+    Passes follow the SVD groups (matrices of one shape and rank; packed whole while they fit, so a pass
+    runs the same SVDs as the one-pass init): at most ``kernels_per_pass`` kernels, or at most
+    ``max_bytes`` of float32 gradients (per device when the params are sharded over a mesh), per pass.
+    With neither, one pass when the gradients fit in half the free memory of the params' device (the
+    host's available memory on CPU), else passes of that size.
+
+    Example:
+        >>> params = {f"l{i}": {"q": {"kernel": np.zeros((8, 8))}, "up": {"kernel": np.zeros((8, 16))}}
+        ...           for i in range(2)}
+        >>> gradient_passes(params, LoraConfig(rank=2), kernels_per_pass=2)
+        [['l0/q', 'l1/q'], ['l0/up', 'l1/up']]
+        >>> gradient_passes(params, LoraConfig(rank=2), max_bytes=8 * 16 * 4)
+        [['l0/q', 'l1/q'], ['l0/up'], ['l1/up']]
+    """
+    return [
+        [p for _, (_, paths, _) in group for p in paths]
+        for group in _streamed_plan(params, config, kernels_per_pass, max_bytes)
+    ]
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _streamed_plan(params, config: LoraConfig, kernels_per_pass, max_bytes) -> list[tuple]:
+    targets = find_targets(params, config)
+    shapes = {p: jax.ShapeDtypeStruct((targets[p].d_in, targets[p].d_out), jnp.float32) for p in sorted(targets)}
+    plan = _plan(shapes, {p: t.rank for p, t in targets.items()}, "gradient")
+    if kernels_per_pass is not None and max_bytes is not None:
+        raise ValueError("give kernels_per_pass or max_bytes, not both")
+    if kernels_per_pass is not None:
+        return _pack(plan, dict.fromkeys(shapes, 1), _positive(kernels_per_pass, "kernels_per_pass"))
+    mesh = mesh_of(params)
+    devices = 1 if mesh is None else mesh.size
+    sizes = {p: 4 * math.prod(s.shape) // devices for p, s in shapes.items()}
+    if max_bytes is None:
+        free = _free_bytes(params)
+        max_bytes = sum(sizes.values()) if free is None else max(free // 2, 1)
+    return _pack(plan, sizes, _positive(max_bytes, "max_bytes"))
+
+
+def spectral_init_streamed(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
+    batches: Iterable,
+    config: LoraConfig,
+    *,
+    kernels_per_pass: int | None = None,
+    max_bytes: int | None = None,
+    gamma: float = 128.0,
+    svd: str = "auto",
+    key: jax.Array | None = None,
+    tol: float = 1e-3,
+    micro_batches_per_step: int = 8,
+    progress: bool = True,
+) -> Adapters:
+    """LoRA-One's spectral init straight from the loss, its gradients held one group at a time.
+
+    ``spectral_init(estimate_gradient(loss_fn, params, batches, config), config, ...)`` holds a float32
+    gradient of every targeted kernel at once (Llama-2-7B, all linear layers: 26 GB). Here each pass
+    (``gradient_passes``) differentiates one group's kernels over all micro-batches, runs their SVDs, keeps
+    the rank-r factors and frees the gradients, so the peak memory is the params, one group's gradients and
+    one forward/backward; each extra pass costs a forward/backward over the micro-batches. The maths is the
+    one-pass init's: passes made of whole SVD groups (the default, and whenever a group fits the budget)
+    give the same adapters, the randomized SVD included; a group split across passes gets the same
+    adapters with ``svd="exact"`` and sketches of its own with ``"randomized"`` (same accuracy).
+    Sharded params give gradients sharded like their kernels. Arguments: as ``estimate_gradient`` and
+    ``spectral_init``; ``kernels_per_pass`` / ``max_bytes`` as ``gradient_passes``.
+
+    Example:
+        >>> params = {"l0": {"kernel": jnp.eye(4)}, "l1": {"kernel": jnp.eye(4)[::-1]}}
+        >>> loss_fn = lambda p, x: jnp.sum((x @ p["l0"]["kernel"] @ p["l1"]["kernel"]) ** 2)
+        >>> x = [jnp.arange(8.0).reshape(2, 4)]
+        >>> cfg = LoraConfig(rank=1)
+        >>> one = spectral_init(estimate_gradient(loss_fn, params, x, cfg, progress=False), cfg, svd="exact")
+        >>> two = spectral_init_streamed(loss_fn, params, x, cfg, kernels_per_pass=1, svd="exact", progress=False)
+        >>> all(bool(jnp.allclose(one[p]["a"] @ one[p]["b"], two[p]["a"] @ two[p]["b"])) for p in one)
+        True
+    """
+    _check_gamma(gamma)
+    passes = _streamed_plan(params, config, kernels_per_pass, max_bytes)
+    batches = list(batches)
+    adapters: Adapters = {}
+    for group in passes:
+        paths = [p for _, (_, ps, _) in group for p in ps]
+        grads = estimate_gradient(
+            loss_fn,
+            params,
+            batches,
+            config,
+            micro_batches_per_step=micro_batches_per_step,
+            modules=paths,
+            progress=progress,
+        )
+        adapters.update(
+            _run(grads, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol, plan=group)
+        )
+        del grads  # _run has checked (and so waited for) every SVD: the group's gradients are free
+    return {p: adapters[p] for p in sorted(adapters)}
 
 
 def pissa_init(
@@ -282,7 +432,6 @@ def lora_ga_init(
         >>> ad["fc"]["a"].shape, ad["fc"]["b"].shape
         ((8, 2), (2, 6))
     """
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    _check_gamma(gamma)
     mats = _matrices(grads, "grads")
     return _run(mats, config, kind="lora-ga", method=svd, key=key, what="gradient", gamma=gamma)
