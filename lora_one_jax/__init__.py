@@ -22,6 +22,7 @@ from lora_one_jax.adapters import (
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
 from lora_one_jax.diagnostics import alignment, subspace_angles
 from lora_one_jax.gradient import estimate_gradient
+from lora_one_jax.head import with_loss_positions
 from lora_one_jax.losses import (
     causal_lm_loss,
     full_loss_fn,
@@ -77,4 +78,5 @@ __all__ = [
     "seq2seq_loss",
     "sequence_logprob",
     "token_logprobs",
+    "with_loss_positions",
 ]

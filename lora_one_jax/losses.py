@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 from lora_one_jax._hf import is_hf_model
 from lora_one_jax.config import LoraConfig
+from lora_one_jax.head import HEAD, head_logprobs, supervised_loss
+from lora_one_jax.remat import check_remat, remat_layers
 from lora_one_jax.transform import with_lora
 
 
@@ -98,9 +100,32 @@ def _loss(logits, batch) -> jax.Array:
     return seq2seq_loss(logits, batch) if is_seq2seq(batch) else causal_lm_loss(logits, batch)
 
 
-def full_loss_fn(model) -> Callable:
+def _check_head_options(vocab_chunk, head: str) -> None:
+    if vocab_chunk is not None and (
+        isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1
+    ):
+        raise ValueError(f"vocab_chunk must be a positive integer or None, got {vocab_chunk!r}")
+    if not isinstance(head, str) or not head:
+        raise ValueError(f"head must be the output head's module name (e.g. 'lm_head'), got {head!r}")
+
+
+def _batch_loss(forward: Callable, batch, vocab_chunk, head: str, remat: str) -> jax.Array:
+    """The loss of ``forward()`` on ``batch``: logits only at ``loss_positions`` / in vocabulary chunks when asked,
+    layers rematerialised as ``remat`` says."""
+    run = lambda: remat_layers(forward, remat)
+    if "loss_positions" in batch or vocab_chunk is not None:
+        return supervised_loss(*head_logprobs(run, batch, head=head, vocab_chunk=vocab_chunk), batch)
+    return _loss(_logits(run()), batch)
+
+
+def full_loss_fn(model, *, vocab_chunk: int | None = None, head: str = HEAD, remat: str = "none") -> Callable:
     """``loss(params, batch)``: ``causal_lm_loss`` of a causal LM (HF Flax model or linen module taking
     ``(input_ids, attention_mask=, position_ids=)``), e.g. for ``estimate_gradient``.
+
+    A batch holding ``loss_positions`` (``with_loss_positions``) gets its output head (the module named
+    ``head``) applied at those positions only; ``vocab_chunk`` also splits the head's matmul and softmax over
+    the vocabulary (``lora_one_jax.head``). ``remat`` (``"none"``, ``"layers"``, ``"dots"``) recomputes the
+    model's layers in the backward pass (``lora_one_jax.remat``). The value is the same.
 
     Example:
         >>> from lora_one_jax.models import load_model
@@ -109,21 +134,30 @@ def full_loss_fn(model) -> Callable:
         >>> batch = pad_batch([{"input_ids": [5, 6, 7], "prompt_len": 1}], pad_id=0)
         >>> float(full_loss_fn(model)(params, batch)) > 0
         True
+        >>> bool(jnp.isclose(full_loss_fn(model, vocab_chunk=100)(params, lj.with_loss_positions(batch)),
+        ...                  full_loss_fn(model)(params, batch)))
+        True
     """
+    _check_head_options(vocab_chunk, head)
+    check_remat(remat)
     if is_hf_model(model):
         forward = lambda params, ids, **kw: model(ids, params=params, **kw)
     else:
         forward = lambda params, ids, **kw: model.apply({"params": params}, ids, **kw)
 
     def loss(params, batch):
-        return _loss(_logits(forward(params, batch["input_ids"], **_model_inputs(batch))), batch)
+        run = lambda: forward(params, batch["input_ids"], **_model_inputs(batch))
+        return _batch_loss(run, batch, vocab_chunk, head, remat)
 
     return loss
 
 
-def lora_loss_fn(model, config: LoraConfig) -> Callable:
+def lora_loss_fn(
+    model, config: LoraConfig, *, vocab_chunk: int | None = None, head: str = HEAD, remat: str = "none"
+) -> Callable:
     """``loss(base_params, adapters, batch, lora_rng=None)``: the same loss with the adapters added
-    (``with_lora``); differentiate it w.r.t. ``adapters`` (argument 1).
+    (``with_lora``); differentiate it w.r.t. ``adapters`` (argument 1). ``vocab_chunk``, ``head``, ``remat``
+    and batches with ``loss_positions``: as ``full_loss_fn`` (the output head cannot be adapted then).
 
     Example:
         >>> from lora_one_jax.models import load_model
@@ -134,11 +168,26 @@ def lora_loss_fn(model, config: LoraConfig) -> Callable:
         >>> batch = pad_batch([{"input_ids": [5, 6, 7], "prompt_len": 1}], pad_id=0)
         >>> bool(jnp.isclose(lora_loss_fn(model, cfg)(params, adapters, batch), full_loss_fn(model)(params, batch)))
         True
+        >>> fast = lora_loss_fn(model, cfg, vocab_chunk=64, remat="layers")
+        >>> bool(jnp.isclose(fast(params, adapters, lj.with_loss_positions(batch)), full_loss_fn(model)(params, batch)))
+        True
     """
+    _check_head_options(vocab_chunk, head)
+    check_remat(remat)
     apply = with_lora(model, config)
 
     def loss(base, adapters, batch, lora_rng=None):
-        out = apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **_model_inputs(batch))
-        return _loss(_logits(out), batch)
+        if ("loss_positions" in batch or vocab_chunk is not None) and any(
+            p == head or p.endswith("/" + head) for p in adapters
+        ):
+            raise ValueError(
+                f"the output head {head!r} has an adapter: its logits need every position; drop loss_positions "
+                "from the batch and use vocab_chunk=None"
+            )
+
+        def forward():
+            return apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **_model_inputs(batch))
+
+        return _batch_loss(forward, batch, vocab_chunk, head, remat)
 
     return loss
