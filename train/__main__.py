@@ -1,5 +1,5 @@
-"""``python -m train`` is ``lora-one-train``."""
+"""``python -m lora_one_train`` is ``lora-one-train``."""
 
-from train.cli import main
+from lora_one_train.cli import main
 
 main()

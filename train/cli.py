@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import DEFAULT_CONFIG, ConfigError, load_config
+from lora_one_train.config import DEFAULT_CONFIG, ConfigError, load_config
 
 
 def parse_args(argv=None):
@@ -49,10 +49,10 @@ def main(argv=None) -> None:
         overrides.append(f"output_dir={args.output_dir}")
     try:
         cfg = load_config(args.config, overrides)
-        from train.mesh import setup_distributed
+        from lora_one_train.mesh import setup_distributed
 
         setup_distributed(cfg)
-        from train.run import run
+        from lora_one_train.run import run
 
         run(cfg, progress=not args.no_progress)
     except ConfigError as e:

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from lora_one_jax import LoraConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("lora_one_train.configs")))  # package data (configs/ in the repo)
 DEFAULT_CONFIG = "default"
 
 #: method -> (init, preconditioned optimizer)
@@ -304,7 +305,7 @@ class RunConfig:
         Example:
             >>> RunConfig.from_dict({"optim": {"lr": 1e-4}})
             Traceback (most recent call last):
-            train.config.ConfigError: unknown key(s) ['lr'] in section 'optim'; valid keys: ['learning_rate', 'schedule', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'damping']
+            lora_one_train.config.ConfigError: unknown key(s) ['lr'] in section 'optim'; valid keys: ['learning_rate', 'schedule', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'damping']
         """  # noqa: E501
         if not isinstance(values, Mapping):
             raise ConfigError(f"a run config is a mapping of sections, got {type(values).__name__}")

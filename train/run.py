@@ -40,9 +40,9 @@ from lora_one_jax.sharding import (
     stacked_adapter_specs,
     to_numpy,
 )
-from train.checkpoint import Checkpointer
-from train.config import METHODS, ConfigError, RunConfig
-from train.report import plot_curves, summary_table
+from lora_one_train.checkpoint import Checkpointer
+from lora_one_train.config import METHODS, ConfigError, RunConfig
+from lora_one_train.report import plot_curves, summary_table
 
 RESIDUAL_INITS = ("pissa", "lora-ga")  # their frozen base is W - scale * A0 @ B0
 
@@ -88,7 +88,7 @@ def schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then linear decay to 0 (or cosine, or constant).
 
     Example:
-        >>> from train.config import RunConfig
+        >>> from lora_one_train.config import RunConfig
         >>> s = schedule(RunConfig.from_dict({"optim": {"warmup_steps": 2, "learning_rate": 1.0}}), 6)
         >>> [round(float(s(i)), 2) for i in range(7)]
         [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
@@ -115,7 +115,7 @@ def optimizer(cfg: RunConfig, total_steps: int, precondition: bool) -> optax.Gra
     the peak learning rate, an argument, so runs that differ only in learning rate share one compiled step.
 
     Example:
-        >>> from train.config import RunConfig
+        >>> from lora_one_train.config import RunConfig
         >>> opt = optimizer(RunConfig(), 10, precondition=True)
         >>> len(opt.init({"m": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}))
         3
