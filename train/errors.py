@@ -56,3 +56,12 @@ class DataError(UserError, ValueError):
         >>> isinstance(DataError("train.jsonl changed since checkpoint 4"), ValueError)
         True
     """
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training produced a NaN or infinite loss or state; the message names the first bad step and the way out.
+
+    Example:
+        >>> isinstance(DivergedError("the loss became nan at step 5"), FloatingPointError)
+        True
+    """
