@@ -153,3 +153,71 @@ def test_carve_validation_keeps_gradient_examples_first_and_partitions_the_split
 def test_log_grid_rejects_bad_bounds():
     with pytest.raises(ValueError, match="low < high"):
         log_grid(1e-3, 1e-4)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _seeded_results(optimum):
+    """A finished simulated sweep whose seeds runs carry held-out curves (the better rate, the lower loss)."""
+    results, _ = _simulate(list(optimum), optimum)
+    records = []
+    for name, rec in results.items():
+        phase, method, rest = name.split("/")
+        lr, seed = float(rest[2:].split("-seed")[0]), int(rest.split("-seed")[1])
+        rec = {**rec, "method": method, "lr": lr, "seed": seed, "phase": phase}
+        if phase == "seeds":
+            end = 0.6 + 0.1 * (method == "lora") + 0.01 * seed
+            rec["history"] = [
+                {"step": 0, "eval/answer_loss": 2.0, "eval/score": 0.3},
+                {"step": 25, "eval/answer_loss": (2.0 + end) / 2, "eval/score": 0.5, "align/left_mean": 20.0 + seed},
+                {"step": 50, "eval/answer_loss": end, "eval/score": 0.6, "align/left_mean": 25.0 + seed},
+            ]
+            rec["held_out"] = {"answer_loss": end, "score": 0.62 + 0.03 * (method != "lora") + 0.01 * seed}
+        records.append(rec)
+    return records
+
+
+def test_report_tables_and_plots_from_a_simulated_sweep(tmp_path):
+    from lora_one_train import stats
+    from lora_one_train.sweep_report import write_report
+
+    optimum = {"lora": 1e-2, "lora-one": 3e-4}
+    records = _seeded_results(optimum)
+    path = write_report(records, tmp_path, ablations=[("lora-one", "lora")])
+    text = path.read_text()
+    assert (tmp_path / "grid.png").stat().st_size > 1000 and (tmp_path / "curves.png").stat().st_size > 1000
+    chosen = chosen_rates(optimum, {Run(r["method"], r["lr"], r["seed"], r["phase"]).name: r for r in records})
+    assert f"| lora | {chosen['lora']['lr']:.2e} |" in text and "| yes |" in text  # lora chose the extension
+    assert f"| lora-one | {chosen['lora-one']['lr']:.2e} |" in text
+    # the paired difference of the final held-out score: +0.03 on every seed
+    d = stats.paired_difference({s: 0.65 + 0.01 * s for s in range(3)}, {s: 0.62 + 0.01 * s for s in range(3)})
+    assert f"+0.030 [{d['low']:+.3f}, {d['high']:+.3f}]*" in text
+    # lora's final loss (0.71 mean) is reached by lora-one: 2.0 -> 0.6 linear from 25 to 50 steps
+    steps = [
+        stats.steps_to_level(r["history"], 0.71, "eval/answer_loss")
+        for r in records
+        if r.get("held_out") and r["method"] == "lora-one"
+    ]
+    assert f"{np.mean(steps):.1f} (3/3 seeds)" in text
+    diagnostics = text.split("## Diagnostics")[1]  # the last logged alignment, mean ± CI over seeds 25, 26, 27
+    assert "align/left_mean" in diagnostics
+    assert f"| lora-one | 26.0 ± {stats.mean_ci([25.0, 26.0, 27.0])['half_width']:.1f} (n=3) |" in diagnostics
+
+
+def test_report_reads_the_final_held_out_record_first():
+    from lora_one_train.sweep_report import final
+
+    rec = {"held_out": {"answer_loss": 0.5, "score": None}, "history": [{"step": 3, "eval/score": 0.4}]}
+    assert final(rec, "answer_loss") == 0.5 and final(rec, "score") == 0.4
+    assert final({"history": []}, "score") is None
+
+
+def test_report_rejects_inconsistent_seed_runs(tmp_path):
+    from lora_one_train.sweep_report import write_report
+
+    base = {"method": "lora", "phase": "seeds", "history": [{"step": 0, "eval/answer_loss": 1.0}]}
+    with pytest.raises(ValueError, match="one per seed"):
+        write_report([{**base, "lr": 1e-3, "seed": 0}, {**base, "lr": 1e-3, "seed": 0}], tmp_path)
+    with pytest.raises(ValueError, match="several learning rates"):
+        write_report([{**base, "lr": 1e-3, "seed": 0}, {**base, "lr": 1e-4, "seed": 1}], tmp_path)
