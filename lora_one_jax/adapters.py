@@ -204,7 +204,9 @@ def merge(params, adapters: Adapters, config: LoraConfig):
         >>> merge(p, ad, LoraConfig(rank=1, alpha=1.0))["fc"]["kernel"].tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    return _shift_kernels(params, adapters, config, +1.0)
+    from lora_one_jax.export import check_adapter_values  # NaN/Inf or integer adapters: an error naming the module
+
+    return _shift_kernels(params, check_adapter_values(adapters, "merge"), config, +1.0)
 
 
 def unmerge(params, adapters: Adapters, config: LoraConfig):
@@ -216,7 +218,9 @@ def unmerge(params, adapters: Adapters, config: LoraConfig):
         >>> unmerge(p, ad, LoraConfig(rank=1, alpha=1.0))["fc"]["kernel"].tolist()
         [[0.0, 0.0], [0.0, 0.0]]
     """
-    return _shift_kernels(params, adapters, config, -1.0)
+    from lora_one_jax.export import check_adapter_values  # NaN/Inf or integer adapters: an error naming the module
+
+    return _shift_kernels(params, check_adapter_values(adapters, "unmerge"), config, -1.0)
 
 
 #: ``((group name, (module path, ...)), ...)``: how ``stack_adapters`` grouped the modules (static).

@@ -13,9 +13,11 @@ from lora_one_jax.models.assets import ASSETS, AssetError, asset_path, cache_dir
 from lora_one_jax.models.compat import patch_transformers
 from lora_one_jax.models.gguf import load_gguf
 from lora_one_jax.models.loaders import (
+    HUB_IDS,
     KNOWN_MODELS,
     LoadedModel,
     cast_params,
+    hub_id,
     load_hf,
     load_model,
     merge_safetensors_shards,
@@ -29,6 +31,7 @@ patch_transformers()
 __all__ = [
     "ASSETS",
     "AssetError",
+    "HUB_IDS",
     "KNOWN_MODELS",
     "LoadedModel",
     "asset_path",
@@ -36,6 +39,7 @@ __all__ = [
     "cache_dir",
     "cast_params",
     "fetch_asset",
+    "hub_id",
     "load_gguf",
     "load_hf",
     "load_model",

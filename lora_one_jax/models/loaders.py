@@ -398,6 +398,44 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama", "toy-t5")
 
+#: The Hugging Face hub repository each known model's weights came from (None: random toy weights).
+HUB_IDS: dict[str, str | None] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "toy-llama": None,
+    "toy-t5": None,
+}
+
+
+def hub_id(spec: str | os.PathLike) -> str | None:
+    """Where PyTorch (transformers, PEFT's ``base_model_name_or_path``) can load the base model of ``spec``.
+
+    A known name gives the hub repository its weights came from (``HUB_IDS``; None for the random toy
+    models); a local Hugging Face folder its absolute path; a hub id (``"org/name"``) itself; a ``.gguf``
+    file None (PyTorch has no id for it: pass the base model yourself when loading the adapter).
+
+    Example:
+        >>> hub_id("smollm2-135m")
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+        >>> hub_id("toy-llama") is None, hub_id("Qwen/Qwen2.5-0.5B")
+        (True, 'Qwen/Qwen2.5-0.5B')
+    """
+    name = os.fspath(spec)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.suffix == ".gguf" and path.is_file():
+        return None
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not path.exists():
+        return name
+    raise ValueError(
+        f"model {name!r} is neither a known name ({', '.join(KNOWN_MODELS)}), a local folder, a .gguf file "
+        "nor a hub id 'org/name'"
+    )
+
+
 
 def load_model(
     spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, auto_class=None, mesh=None, rules=None
