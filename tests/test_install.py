@@ -1,5 +1,6 @@
 """It ships: the wheel, installed (not editable) in a fresh venv, runs the CLI with every shipped config."""
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -36,6 +37,8 @@ def run(cmd, **kwargs):
 
 
 def build_wheel(tmp_path) -> Path:
+    setuptools = importlib.metadata.version("setuptools")
+    assert int(setuptools.split(".")[0]) >= 77, f"setuptools {setuptools}: `pip install -e '.[test]'` brings >= 77"
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
