@@ -8,6 +8,8 @@ import sys
 import pytest
 import yaml
 
+from lora_one_jax.export import AdapterFileError
+from lora_one_jax.models.assets import AssetError
 from lora_one_train import cli
 from lora_one_train.config import (
     CONFIG_DIR,
@@ -196,6 +198,9 @@ def test_debug_shows_the_traceback():
         (LockError("runs/x is in use by another run (pid 12 on h, started t)"), "runs/x is in use by another run "
          "(pid 12 on h, started t)"),
         (DataError("train.jsonl changed since checkpoint 4"), "train.jsonl changed since checkpoint 4"),
+        (AdapterFileError("runs/x/adapters/adapters.safetensors is truncated"), "runs/x/adapters/adapters.safetensors "
+         "is truncated"),
+        (AssetError("smollm2-135m: no network; set LORA_ONE_CACHE"), "smollm2-135m: no network; set LORA_ONE_CACHE"),
     ],
 )  # fmt: skip
 def test_file_and_folder_errors_are_one_line_with_what_to_do(monkeypatch, capsys, error, line):
@@ -206,13 +211,15 @@ def test_file_and_folder_errors_are_one_line_with_what_to_do(monkeypatch, capsys
     assert run_main([], capsys) == (2, f"lora-one-train: error: {line}\n")
 
 
-def test_programming_errors_keep_their_traceback(monkeypatch):
+@pytest.mark.parametrize("error", [KeyError("missing"), ValueError("a bug"), TypeError("a bug")])
+def test_programming_errors_keep_their_traceback(monkeypatch, error):
     def train(args):
-        return {}["missing"]
+        raise error
 
     monkeypatch.setattr(cli, "train", train)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(type(error)) as e:
         cli.main([])
+    assert e.value is error
 
 
 def test_an_interruption_says_how_to_resume(monkeypatch, capsys):
