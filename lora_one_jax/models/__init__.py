@@ -1,6 +1,8 @@
 """The model zoo: pretrained models fetched offline, loaders, tokenizers and the Hugging Face fixes.
 
-Importing this package applies ``lora_one_jax.models.compat.patch_transformers()`` (HF Flax fixes).
+Importing this package changes nothing in transformers: the loaders apply the Hugging Face Flax fixes
+(``patch_transformers``) to the models they build; call ``patch_transformers()`` yourself before building an
+HF Flax model with transformers directly (it is idempotent).
 
 Example:
     >>> from lora_one_jax.models import load_model
@@ -25,8 +27,6 @@ from lora_one_jax.models.loaders import (
     toy_t5,
 )
 from lora_one_jax.models.tokenizer import bpe_tokenizer, toy_tokenizer
-
-patch_transformers()
 
 __all__ = [
     "ASSETS",
