@@ -250,3 +250,27 @@ def test_the_installed_command_prints_one_line_for_an_empty_config(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_resolves_by_name(path):
     assert load_config(path.stem) == load_config(str(path))
+
+
+def test_a_run_into_a_folder_another_run_holds_is_refused_before_writing_anything(tmp_path, capsys):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lora_one_train.lock import RunLock\nwith RunLock(sys.argv[1]):\n"
+         "    print('held', flush=True); sys.stdin.read()", str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_main(["--output-dir", str(folder), "--set", "model.spec=toy-llama"], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"lora-one-train: error: {folder} is in use by another run (pid {holder.pid} on " in err
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_a_file_where_the_output_folder_should_be_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code, err = run_main(["--output-dir", str(tmp_path / "afile" / "run"), "--set", "model.spec=toy-llama"], capsys)
+    assert (code, err) == (2, f"lora-one-train: error: {tmp_path / 'afile' / 'run'}: Not a directory\n")
