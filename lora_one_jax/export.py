@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_one_jax.config import Adapters, LoraConfig, Pattern
+from lora_one_jax.config import Adapters, LoraConfig, Pattern, key_matches, pytorch_name
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "lora_config.json"
@@ -331,7 +331,7 @@ def load_peft(folder: str | os.PathLike, *, transposed_kernels: Pattern = ()) ->
     rank = int(peft.get("r", PEFT_DEFAULT_RANK))
     rank_pattern = {re.escape(k.replace(".", "/")): int(v) for k, v in (peft.get("rank_pattern") or {}).items()}
     for path, r in ranks.items():  # ranks the file holds but the config does not say (PEFT infers nothing)
-        if r != rank and not any(re.fullmatch(rf"(?:.*/)?(?:{k})", path) for k in rank_pattern):
+        if r != rank and not any(key_matches(k, path) for k in rank_pattern):
             rank_pattern[re.escape(path)] = r
     alpha_pattern = {re.escape(k.replace(".", "/")): float(v) for k, v in (peft.get("alpha_pattern") or {}).items()}
     config = LoraConfig(
@@ -405,13 +405,10 @@ def pytorch_state_dict(params) -> dict[str, np.ndarray]:
 
     out = {}
     for keys, value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(value)
-        *prefix, leaf = (str(k) for k in keys)
-        if leaf == "kernel" and value.ndim == 2:
-            leaf, value = "weight", value.T
-        elif leaf == "kernel" and value.ndim == 4:  # convolutions: (h, w, in, out) -> (out, in, h, w)
-            leaf, value = "weight", value.transpose(3, 2, 0, 1)
-        elif leaf in ("embedding", "scale"):
-            leaf = "weight"
-        out[".".join([*prefix, leaf])] = np.ascontiguousarray(value)
+        value, path = np.asarray(value), "/".join(str(k) for k in keys)
+        if keys[-1] == "kernel" and value.ndim == 2:
+            value = value.T
+        elif keys[-1] == "kernel" and value.ndim == 4:  # convolutions: (h, w, in, out) -> (out, in, h, w)
+            value = value.transpose(3, 2, 0, 1)
+        out[pytorch_name(path)] = np.ascontiguousarray(value)
     return out
