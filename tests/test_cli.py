@@ -274,3 +274,11 @@ def test_a_file_where_the_output_folder_should_be_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     code, err = run_main(["--output-dir", str(tmp_path / "afile" / "run"), "--set", "model.spec=toy-llama"], capsys)
     assert (code, err) == (2, f"lora-one-train: error: {tmp_path / 'afile' / 'run'}: Not a directory\n")
+
+
+def test_a_numeric_name_is_refused_with_how_to_quote_it():
+    with pytest.raises(
+        ConfigError, match="name must be a non-empty string \\(quote numbers: name: '2024'\\), got 2024"
+    ):
+        load_config("default", ["name=2024"])
+    assert load_config("default", ["name='2024'"]).out_dir.name == "2024"
