@@ -152,7 +152,7 @@ class TensorBoardLogger:
 class WandbLogger:
     """Logs every record to a Weights & Biases run (``wandb.init(project, name, config)``).
 
-    wandb's own environment variables apply (``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_API_KEY``); a
+    wandb's own environment variables apply (``WANDB_MODE=offline``, ``WANDB_API_KEY``, ``WANDB_ENTITY``); a
     resumed run continues the W&B run its first start created (its id is kept in ``folder/wandb_id``).
     """
 
