@@ -47,6 +47,8 @@ from lora_one_jax.sharding import leaf_placer
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
 _WEIGHT_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json", _SAFE, _SAFE_INDEX)
+#: Files beside the shards that ``merge_safetensors_shards`` copies (configs, tokenizers) are smaller than this.
+_SMALL_FILE_BYTES = 64 << 20
 # What to fetch of a hub repo: configs, tokenizers and weights (never PyTorch .bin).
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors", "flax_model.msgpack*"]
 
@@ -179,7 +181,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
                     tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / _SAFE), metadata=metadata or {"format": "pt"})
         for p in folder.iterdir():
-            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < (64 << 20):
+            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < _SMALL_FILE_BYTES:
                 shutil.copy2(p, tmp / p.name)
     return final
 
