@@ -247,7 +247,7 @@ def test_rerun_with_another_config_refuses_to_resume(tmp_path):
     run(RunConfig.from_dict(cfg), progress=False)
     cfg["optim"]["learning_rate"] = 1e-2
     cfg["train"]["steps"] = 4
-    with pytest.raises(ConfigError, match="holds a checkpoint of another configuration"):
+    with pytest.raises(ConfigError, match="holds checkpoints of another configuration"):
         run(RunConfig.from_dict(cfg), progress=False)
 
 

@@ -62,7 +62,7 @@ RESUMABLE_SECTIONS = ("seed", "model", "task", "lora", "init", "optim", "train")
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     """Train every method of ``cfg`` (see module doc); returns ``{"methods": {...}, "phases": {...}}``."""
-    with RunLock(cfg.out_dir):
+    with RunLock(cfg.out_dir, enabled=is_main_process()):
         prepare_output(cfg)
         ctx = load(cfg, progress=progress)
         grads = estimate_gradient(ctx)
@@ -387,7 +387,8 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict]) -> 
     if is_main_process():  # the log holds exactly the history (a killed process may have logged past its checkpoint)
         (job.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     run_name = cfg.logging.name_for(cfg.name, job.method)
-    loggers = make_loggers(cfg.logging, job.folder, run_name=run_name, config=cfg.to_dict())
+    resume_step = state.step if state.step else None
+    loggers = make_loggers(cfg.logging, job.folder, run_name=run_name, config=cfg.to_dict(), resume_step=resume_step)
     if state.step == 0:
         log_record(loggers, history, {"step": 0, **{f"eval/{k}": v for k, v in evaluate(ctx, job, state).items()}})
     bar = progress_bar(total=steps, initial=state.step, desc=f"train {job.method}", unit="step", enabled=ctx.progress)
