@@ -34,8 +34,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax._hf import apply_hf_fixes
-from lora_one_jax.config import LoraConfig, find_targets, kernel_key
+from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import BATCH_AXES, batch_sharding, mesh_of, place, to_numpy
 
@@ -142,6 +141,7 @@ def estimate_gradient(
     micro_batches_per_step: int = 8,
     modules: Iterable[str] | None = None,
     progress: bool = True,
+    targets: dict[str, Target] | None = None,
 ) -> dict[str, jax.Array]:
     """Mean gradient of ``loss_fn`` w.r.t. every kernel ``config`` targets: ``{module_path: G (d_in, d_out)}``.
 
@@ -153,9 +153,10 @@ def estimate_gradient(
     are differentiated; the float32 running sum is the only buffer kept besides one step's activations.
     The result is in float32 and Flax orientation: kernels listed in ``config.transposed_kernels``
     (stored (d_out, d_in)) get their gradient transposed to (d_in, d_out). A NaN or Inf raises
-    ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar.
-    ``modules`` (module paths, a subset of the targets) differentiates only those kernels: the
-    streamed spectral init (``spectral_init_streamed``) computes one group's gradients per pass this way.
+    ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar. ``targets``:
+    ``find_targets(params, config)`` when the caller already has it. ``modules`` (module paths, a subset of
+    the targets) differentiates only those kernels: the streamed spectral init (``spectral_init_streamed``)
+    computes one group's gradients per pass this way.
 
     Example:
         >>> params = {"fc": {"kernel": jnp.ones((3, 2))}}
@@ -173,8 +174,7 @@ def estimate_gradient(
         or micro_batches_per_step < 1
     ):
         raise ValueError(f"micro_batches_per_step must be a positive integer, got {micro_batches_per_step!r}")
-    apply_hf_fixes()
-    targets = _selected(find_targets(params, config), modules)
+    targets = _selected(find_targets(params, config) if targets is None else targets, modules)
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")

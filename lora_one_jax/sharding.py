@@ -4,8 +4,9 @@ JAX's own sharding is the distributed engine: arrays carry a ``NamedSharding`` o
 and ``jax.jit`` partitions the computation (GSPMD). This module only decides *where* things live:
 
 * ``make_mesh(data=None, fsdp=1, tensor=1)``: a mesh with axes ``("data", "fsdp", "tensor")`` (the
-  unspecified ``data`` size is inferred from the device count), axis types ``Auto`` (see STACK.md: the
-  default Explicit types break HF models' gathers and ``jnp.linalg``).
+  unspecified ``data`` size is inferred from the device count), axis types ``Auto`` (with jax 0.10's
+  default Explicit types, HF models' embedding gathers and ``jnp.linalg.svd`` of sharded inputs raise
+  ``ShardingTypeError``).
 * Partition rules: ``((path regex, PartitionSpec), ...)``, the first regex that ``fullmatch``-es a
   param's '/'-joined path wins. ``LLAMA_RULES`` shard a Llama-family model FSDP over ``fsdp`` and
   tensor-parallel (Megatron-style) over ``tensor``; add rules for another family the same way (see the
@@ -26,12 +27,13 @@ import re
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax.config import Adapters, LoraConfig, find_targets, kernel_key
+from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
 
 AXES = ("data", "fsdp", "tensor")
 #: The axes a batch is split over: every example lives on one (data, fsdp) coordinate.
@@ -144,9 +146,12 @@ def shard_params(params, mesh: Mesh, rules: Rules = LLAMA_RULES):
     )
 
 
-def adapter_specs(params, config: LoraConfig, rules: Rules, mesh: Mesh) -> dict[str, dict[str, P]]:
+def adapter_specs(
+    params, config: LoraConfig, rules: Rules, mesh: Mesh, *, targets: dict[str, Target] | None = None
+) -> dict[str, dict[str, P]]:
     """Adapter PartitionSpecs derived from each targeted kernel's: A ``P(kernel d_in, None)``, B
-    ``P(None, kernel d_out)`` (for kernels stored (d_out, d_in) the two swap).
+    ``P(None, kernel d_out)`` (for kernels stored (d_out, d_in) the two swap). ``targets``:
+    ``find_targets(params, config)`` when the caller already has it.
 
     Example:
         >>> p = {"mlp": {"up_proj": {"kernel": np.zeros((8, 16))}}}
@@ -155,7 +160,8 @@ def adapter_specs(params, config: LoraConfig, rules: Rules, mesh: Mesh) -> dict[
     """
     flat = traverse_util.flatten_dict(params, sep="/")
     out = {}
-    for path, t in find_targets(params, config).items():
+    targets = find_targets(params, config) if targets is None else targets
+    for path, t in targets.items():
         spec = tuple(spec_for(kernel_key(path), np.shape(flat[kernel_key(path)]), rules, mesh)) + (None, None)
         d_in, d_out = (spec[1], spec[0]) if t.transposed else (spec[0], spec[1])
         out[path] = {
@@ -200,6 +206,30 @@ def _trim(spec: P) -> P:
 def shard_adapters(adapters: Adapters, specs: dict[str, dict[str, P]], mesh: Mesh) -> Adapters:
     """``adapters`` (or stacked adapters) placed by ``specs``."""
     return {p: {k: place(v, NamedSharding(mesh, specs[p][k])) for k, v in ad.items()} for p, ad in adapters.items()}
+
+
+def leaf_placer(dtype, mesh: Mesh | None = None, rules: Rules | None = None):
+    """``put(path, host_array) -> jax.Array``: cast floating leaves to ``dtype`` and place each one on its own,
+    into its ``rules`` sharding (default ``LLAMA_RULES``) over ``mesh`` when given (so a sharded model is never
+    whole on one device). The loaders place every weight with it as they read it.
+
+    Example:
+        >>> put = leaf_placer(jnp.bfloat16)
+        >>> put("lm_head/kernel", np.ones((2, 3), np.float32)).dtype
+        dtype(bfloat16)
+        >>> leaf_placer(jnp.float32, make_mesh())("lm_head/kernel", np.ones((8, 8), np.float32)).sharding.spec
+        P('fsdp', 'tensor')
+    """
+
+    def put(path: str, x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(jnp.dtype(dtype))
+        if mesh is None:
+            return jnp.asarray(x)
+        return place(x, NamedSharding(mesh, spec_for(path, x.shape, rules or LLAMA_RULES, mesh)))
+
+    return put
 
 
 def mesh_of(tree) -> Mesh | None:

@@ -37,14 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lora_one_jax.config import pytorch_name
 from lora_one_jax.models.assets import asset_path, cache_dir, publish_folder
 from lora_one_jax.models.compat import patch_transformers
 from lora_one_jax.models.gguf import load_gguf
 from lora_one_jax.models.tokenizer import toy_tokenizer
+from lora_one_jax.sharding import leaf_placer
 
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
 _WEIGHT_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json", _SAFE, _SAFE_INDEX)
+#: Files beside the shards that ``merge_safetensors_shards`` copies (configs, tokenizers) are smaller than this.
+_SMALL_FILE_BYTES = 64 << 20
 # What to fetch of a hub repo: configs, tokenizers and weights (never PyTorch .bin).
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors", "flax_model.msgpack*"]
 
@@ -91,6 +95,19 @@ def _random_params(model, seed: int, std: float):
     )
 
 
+def _toy(model_class: str, config_class: str, sizes: dict, tok, *, seed: int, dtype, std: float | None = None):
+    """A random HF Flax model of ``sizes`` over ``tok``'s vocabulary (weights normal(``std``), by default the
+    config's ``initializer_range``)."""
+    import transformers
+
+    patch_transformers()
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = getattr(transformers, config_class)(**{**ids, **sizes})
+    model = getattr(transformers, model_class)(config, dtype=dtype, _do_init=False)
+    params = _random_params(model, seed, config.initializer_range if std is None else std)
+    return LoadedModel(model, cast_params(params, dtype), tok)
+
+
 def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     """A tiny random ``FlaxLlamaForCausalLM`` (2 layers, hidden 64) over ``toy_tokenizer()``'s 260 tokens.
 
@@ -99,12 +116,8 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         >>> model.config.num_hidden_layers, len(tok)
         (1, 260)
     """
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
-    patch_transformers()
     tok = toy_tokenizer()
     sizes = dict(
-        vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -114,14 +127,8 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
-    sizes.update(overrides)
-    config = LlamaConfig(**sizes)
-    model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
-    params = _random_params(model, seed, config.initializer_range)
-    return LoadedModel(model, cast_params(params, dtype), tok)
+    return _toy("FlaxLlamaForCausalLM", "LlamaConfig", {**sizes, **overrides}, tok, seed=seed, dtype=dtype)
 
 
 def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
@@ -132,26 +139,10 @@ def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         >>> model.config.is_encoder_decoder, model.config.decoder_start_token_id == tok.pad_token_id
         (True, True)
     """
-    from transformers import FlaxT5ForConditionalGeneration, T5Config
-
-    patch_transformers()
     tok = toy_tokenizer()
-    sizes = dict(
-        vocab_size=len(tok),
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    sizes.update(overrides)
-    model = FlaxT5ForConditionalGeneration(T5Config(**sizes), dtype=dtype, _do_init=False)
-    params = _random_params(model, seed, 0.05)
-    return LoadedModel(model, cast_params(params, dtype), tok)
+    sizes = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, tie_word_embeddings=True)
+    sizes = {**sizes, "decoder_start_token_id": tok.pad_token_id, **overrides}
+    return _toy("FlaxT5ForConditionalGeneration", "T5Config", sizes, tok, seed=seed, dtype=dtype, std=0.05)
 
 
 def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.PathLike | None = None) -> Path:
@@ -190,7 +181,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
                     tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / _SAFE), metadata=metadata or {"format": "pt"})
         for p in folder.iterdir():
-            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < (64 << 20):
+            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < _SMALL_FILE_BYTES:
                 shutil.copy2(p, tmp / p.name)
     return final
 
@@ -235,38 +226,6 @@ def _safetensors_format(path: Path) -> str | None:
         return (f.metadata() or {}).get("format")
 
 
-def leaf_placer(dtype, mesh=None, rules=None):
-    """``put(path, host_array) -> jax.Array``: cast floating leaves to ``dtype`` and place each one on its own,
-    into its ``rules`` sharding over ``mesh`` when given (so a sharded model is never whole on one device).
-
-    Example:
-        >>> put = leaf_placer(jnp.bfloat16)
-        >>> put("lm_head/kernel", np.ones((2, 3), np.float32)).dtype
-        dtype(bfloat16)
-    """
-    from jax.sharding import NamedSharding
-
-    from lora_one_jax.sharding import LLAMA_RULES, place, spec_for
-
-    def put(path: str, x):
-        x = np.asarray(x)
-        if np.issubdtype(x.dtype, np.floating):
-            x = x.astype(jnp.dtype(dtype))
-        if mesh is None:
-            return jnp.asarray(x)
-        return place(x, NamedSharding(mesh, spec_for(path, x.shape, rules or LLAMA_RULES, mesh)))
-
-    return put
-
-
-def _pt_name(path: str, ndim: int) -> str:
-    """The PyTorch state-dict name of a Flax param path (as ``lora_one_jax.export.pytorch_state_dict`` writes it)."""
-    *prefix, leaf = path.split("/")
-    if leaf in ("kernel", "embedding", "scale"):
-        leaf = "weight"
-    return ".".join([*prefix, leaf])
-
-
 def _stream_pt_safetensors(cls, path: Path, config, dtype, put):
     """PyTorch-written safetensors -> Flax params, tensor by tensor, without random init and without torch.
 
@@ -279,7 +238,7 @@ def _stream_pt_safetensors(cls, path: Path, config, dtype, put):
     model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     model = model_cls(config, dtype=dtype, _do_init=False)
     expected = traverse_util.flatten_dict(model.params_shape_tree, sep="/")
-    by_name = {_pt_name(p, len(s.shape)): p for p, s in expected.items()}
+    by_name = {pytorch_name(p): p for p in expected}
     prefix = getattr(model, "base_model_prefix", "") + "."
     flat = {}
     with safe_open(str(path), framework="numpy") as f:
@@ -397,6 +356,43 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama", "toy-t5")
+
+#: The Hugging Face hub repository each known model's weights came from (None: random toy weights).
+HUB_IDS: dict[str, str | None] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "toy-llama": None,
+    "toy-t5": None,
+}
+
+
+def hub_id(spec: str | os.PathLike) -> str | None:
+    """Where PyTorch (transformers, PEFT's ``base_model_name_or_path``) can load the base model of ``spec``.
+
+    A known name gives the hub repository its weights came from (``HUB_IDS``; None for the random toy
+    models); a local Hugging Face folder its absolute path; a hub id (``"org/name"``) itself; a ``.gguf``
+    file None (PyTorch has no id for it: pass the base model yourself when loading the adapter).
+
+    Example:
+        >>> hub_id("smollm2-135m")
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+        >>> hub_id("toy-llama") is None, hub_id("Qwen/Qwen2.5-0.5B")
+        (True, 'Qwen/Qwen2.5-0.5B')
+    """
+    name = os.fspath(spec)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.suffix == ".gguf" and path.is_file():
+        return None
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not path.exists():
+        return name
+    raise ValueError(
+        f"model {name!r} is neither a known name ({', '.join(KNOWN_MODELS)}), a local folder, a .gguf file "
+        "nor a hub id 'org/name'"
+    )
 
 
 def load_model(
