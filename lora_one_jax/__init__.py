@@ -19,7 +19,7 @@ from lora_one_jax.adapters import (
 )
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
 from lora_one_jax.diagnostics import alignment, subspace_angles
-from lora_one_jax.gradient import estimate_gradient
+from lora_one_jax.gradient import estimate_gradient, lower_gradient_step
 from lora_one_jax.head import with_loss_positions
 from lora_one_jax.losses import (
     causal_lm_loss,
@@ -63,6 +63,7 @@ __all__ = [
     # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",
     "gradient_passes",
+    "lower_gradient_step",
     "lora_ga_init",
     "lora_one",
     "lora_one_precond",

@@ -132,6 +132,48 @@ def _selected(targets: dict, modules: Iterable[str] | None) -> dict:
     return {p: targets[p] for p in modules}
 
 
+def _split(params, targets: dict) -> tuple:
+    """(sorted module paths, ((path, kernel key), ...), {path: kernel}, {other flat key: leaf}) of ``params``."""
+    keys = {p: kernel_key(p) for p in targets}
+    flat = traverse_util.flatten_dict(params, sep="/")
+    kernel_keys = set(keys.values())
+    order = sorted(targets)
+    return (
+        order,
+        tuple((p, keys[p]) for p in order),
+        {p: flat[keys[p]] for p in order},
+        {k: v for k, v in flat.items() if k not in kernel_keys},
+    )
+
+
+def lower_gradient_step(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
+    batch,
+    config: LoraConfig,
+    *,
+    micro_batches_per_step: int = 8,
+    modules: Iterable[str] | None = None,
+) -> jax.stages.Lowered:
+    """The program ``estimate_gradient`` runs per step (``micro_batches_per_step`` micro-batches shaped like
+    ``batch``), lowered, for its cost and memory analysis (``.compile().memory_analysis()``). ``params`` and
+    ``batch`` may be ``jax.ShapeDtypeStruct`` trees: a model too large to hold can be analysed.
+
+    Example:
+        >>> params = {"fc": {"kernel": jax.ShapeDtypeStruct((512, 256), jnp.float32)}}
+        >>> loss_fn = lambda p, x: jnp.mean(x @ p["fc"]["kernel"])
+        >>> x = jax.ShapeDtypeStruct((4, 512), jnp.float32)
+        >>> step = lower_gradient_step(loss_fn, params, x, lj.LoraConfig(rank=1))
+        >>> step.compile().memory_analysis().argument_size_in_bytes >= 2 * 512 * 256 * 4  # kernel + gradient sum
+        True
+    """
+    order, keys, kernels, rest = _split(params, _selected(find_targets(params, config), modules))
+    acc = {p: jax.ShapeDtypeStruct(kernels[p].shape, jnp.float32) for p in order}
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro_batches_per_step, *x.shape), x.dtype), batch)
+    weights = jax.ShapeDtypeStruct((micro_batches_per_step,), jnp.float32)
+    return _accumulate.lower(acc, kernels, rest, stacked, weights, loss_fn=loss_fn, keys=keys)
+
+
 def estimate_gradient(
     loss_fn: Callable[[Any, Any], jax.Array],
     params,
@@ -178,13 +220,8 @@ def estimate_gradient(
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
-    keys = {p: kernel_key(p) for p in targets}
-    flat = traverse_util.flatten_dict(params, sep="/")
-    kernels = {p: flat[k] for p, k in keys.items()}
-    kernel_keys = set(keys.values())
-    rest = {k: v for k, v in flat.items() if k not in kernel_keys}
-    order = sorted(targets)
-    step = partial(_accumulate, loss_fn=loss_fn, keys=tuple((p, keys[p]) for p in order))
+    order, keys, kernels, rest = _split(params, targets)
+    step = partial(_accumulate, loss_fn=loss_fn, keys=keys)
     acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
     mesh, out_shardings = mesh_of(kernels), None
     if mesh is not None:  # sharded params: sums sharded like the kernels, micro-batches split over the data axes
