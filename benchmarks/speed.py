@@ -38,7 +38,6 @@ import optax
 import lora_one_jax as lj
 from lora_one_jax.data import load_task, pad_batch, pad_id_of, tokenize
 from lora_one_jax.export import pytorch_state_dict
-from lora_one_jax.gradient import _accumulate  # the compiled step, for its memory analysis
 from lora_one_jax.models import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -143,18 +142,12 @@ def jax_side(args, meter, model, params, config, micro, batch):
         )
     # expected peak: params + float32 targeted gradients (+ their running sum) + one step's activations
     padded = lj.gradient.pad_micro_batches(micro)
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
     targets = lj.find_targets(params, config)
-    kernels = {p: _kernel(params, p) for p in targets}
-    rest = _rest(params, targets)
-    acc = {p: jnp.zeros(k.shape, jnp.float32) for p, k in kernels.items()}
-    keys = tuple((p, f"{p}/kernel") for p in sorted(targets))
-    compiled = _accumulate.lower(
-        acc, kernels, rest, stacked, np.ones(len(micro), np.float32), loss_fn=loss_fn, keys=keys
-    ).compile()
+    compiled = lj.lower_gradient_step(loss_fn, params, padded[0], config, micro_batches_per_step=len(micro)).compile()
     analysis = compiled.memory_analysis()
-    res["expected_grad_mib"] = (nbytes(params) + 2 * nbytes(acc) + getattr(analysis, "temp_size_in_bytes", 0)) / MiB
-    res["grad_activations_mib"] = getattr(analysis, "temp_size_in_bytes", 0) / MiB
+    grad_bytes = sum(4 * t.d_in * t.d_out for t in targets.values())
+    res["expected_grad_mib"] = (nbytes(params) + 2 * grad_bytes + analysis.temp_size_in_bytes) / MiB
+    res["grad_activations_mib"] = analysis.temp_size_in_bytes / MiB
 
     exact = exact_subspaces(grads, args.rank)
     for method in ("randomized", "exact"):
@@ -206,28 +199,12 @@ def jax_side(args, meter, model, params, config, micro, batch):
     return res, grads, spectral
 
 
-def _kernel(params, path):
-    node = params
-    for part in path.split("/"):
-        node = node[part]
-    return node["kernel"]
-
-
-def _rest(params, targets):
-    from flax import traverse_util
-
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {k: v for k, v in flat.items() if k not in {f"{p}/kernel" for p in targets}}
-
-
 # ----------------------------------------------------------------------------- PyTorch
 
 
 def torch_side(args, meter, model, params, config, micro, batch, spectral, grads_jax):
     import torch
     import transformers
-    from peft import LoraConfig as PeftConfig
-    from peft import get_peft_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = {"torch_device": device, "torch_threads": torch.get_num_threads()}
@@ -266,6 +243,16 @@ def torch_side(args, meter, model, params, config, micro, batch, spectral, grads
         theirs = pt(**{k: v for k, v in tb.items() if k != "labels"}).logits.cpu().numpy()
     res["logits_max_abs_diff"] = float(np.abs(ours - theirs).max())
 
+    res.update(torch_official(args, meter, pt, params, config, micro, grads_jax, torch_batch))
+    res.update(torch_peft_steps(args, meter, pt, spectral, tb, tensor))
+    return res
+
+
+def torch_official(args, meter, pt, params, config, micro, grads_jax, torch_batch) -> dict:
+    """The official init recipe in PyTorch: per-parameter gradient accumulation, then svd_lowrank per matrix."""
+    import torch
+
+    res = {}
     # --- the official init recipe: gradients of the target weights over 8 one-example micro-batches ---
     targets = lj.find_targets(params, config)
     names = {p: p.replace("/", ".") + ".weight" for p in targets}
@@ -314,6 +301,16 @@ def torch_side(args, meter, model, params, config, micro, batch, spectral, grads
     exact = exact_subspaces({p: g_pt[n].cpu().numpy().T for p, n in names.items()}, args.rank)
     res["official_angle"] = worst_angle(official, exact)
 
+    return res
+
+
+def torch_peft_steps(args, meter, pt, spectral, tb, tensor) -> dict:
+    """PEFT LoRA training steps (AdamW, and with the preconditioner as a Python loop) from our spectral init."""
+    import torch
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    res, device = {}, next(pt.parameters()).device.type
     # --- PEFT LoRA training steps on the same batch, from the same spectral init ---
     for p in pt.parameters():
         p.requires_grad_(False)
@@ -361,11 +358,302 @@ def torch_side(args, meter, model, params, config, micro, batch, spectral, grads
     return res
 
 
+# ----------------------------------------------------------------------------- the limit: FLOPs, peak, memory
+
+#: Synthetic Llama layer stacks: the real widths and vocabularies of Llama-3.2-1B and Llama-2-7B, few layers.
+SYNTHETIC = {
+    "llama-1b-width": dict(
+        hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    ),
+    "llama-7b-width": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
+    ),
+}
+
+#: Training-step variants: name -> (loss_positions in the batch, vocab_chunk).
+STEP_PATHS = {
+    "today: full logits": (False, None),
+    "logits at the answer positions": (True, None),
+    "answer positions + vocab chunks of 8192": (True, 8192),
+}
+TODAY, NEW = "today: full logits", "logits at the answer positions"
+
+
+def synthetic_model(name: str, layers: int):
+    """A Flax Llama of the named widths with ``layers`` layers, and its params as abstract shapes (none held)."""
+    import transformers
+
+    config = transformers.LlamaConfig(**SYNTHETIC[name], num_hidden_layers=layers, max_position_embeddings=4096)
+    model = transformers.FlaxLlamaForCausalLM(config, _do_init=False)
+    return model, jax.eval_shape(lambda: model.init_weights(jax.random.key(0), (1, 8)))
+
+
+def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def nbytes_abstract(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def peak_bytes(compiled) -> int:
+    """A compiled program's peak: its arguments, its outputs not aliased to them, and its temporaries."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def flops_of(compiled) -> float:
+    """The program's FLOPs from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """This machine's float32 matmul rate (FLOP/s): the median of ``reps`` (n x n) @ (n x n) products."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    return 2 * n**3 / median_time(lambda: jax.block_until_ready(mm(a, b)), reps)
+
+
+def fake_batch(rows: int, length: int, answer: int, vocab: int) -> dict:
+    """A causal-LM batch whose last ``answer`` tokens are supervised (a classification label + eos)."""
+    rng = np.random.default_rng(0)
+    loss = np.zeros((rows, length), np.float32)
+    loss[:, -answer:] = 1.0
+    return {
+        "input_ids": rng.integers(3, vocab, size=(rows, length)).astype(np.int32),
+        "attention_mask": np.ones((rows, length), np.int32),
+        "position_ids": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+        "loss_mask": loss,
+    }
+
+
+def adapter_state(params, config, optimizer):
+    """``(make, layout)``: ``make()`` builds stacked adapters (PEFT init) and their optimizer state."""
+    targets = lj.find_targets(params, config)
+
+    layout = []
+
+    def make():
+        stacked, order = lj.stack_adapters(lj.lora_init(targets, jnp.float32, key=jax.random.key(0)))
+        layout[:] = [order]
+        return stacked, optimizer.init(stacked)
+
+    jax.eval_shape(make)  # the layout, without computing anything
+    return make, layout[0]
+
+
+def train_step(model, config, layout, optimizer, *, vocab_chunk=None, remat="none"):
+    """The LoRA training step (AdamW on stacked adapters), jitted with the state donated."""
+    loss = lj.lora_loss_fn(model, config, vocab_chunk=vocab_chunk, remat=remat)
+
+    def step(base, stacked, opt_state, batch):
+        value, grads = jax.value_and_grad(lambda s: loss(base, lj.unstack_adapters(s, layout), batch))(stacked)
+        updates, opt_state = optimizer.update(grads, opt_state, stacked)
+        return optax.apply_updates(stacked, updates), opt_state, value
+
+    return jax.jit(step, donate_argnums=(1, 2))
+
+
+def logits_buffer(compiled, batch, vocab: int) -> bool:
+    """Whether the compiled program holds a batch x length x vocab array (the full logits or their gradient)."""
+    rows, length = batch["input_ids"].shape
+    text = compiled.as_text()
+    return any(f"[{rows},{n},{vocab}]" in text for n in (length, length - 1))
+
+
+def compile_steps(model, params, config, batch, variants) -> dict:
+    """{variant: compiled step} for ``variants`` = {name: (positions, vocab_chunk, remat)}; params may be abstract."""
+    optimizer = optax.adamw(1e-4, weight_decay=0.0)
+    make, layout = adapter_state(params, config, optimizer)
+    state = jax.eval_shape(make)
+    out = {}
+    for name, (positions, chunk, remat) in variants.items():
+        b = lj.with_loss_positions(batch) if positions else batch
+        step = train_step(model, config, layout, optimizer, vocab_chunk=chunk, remat=remat)
+        out[name] = (step.lower(abstract(params), *state, abstract(b)).compile(), b)
+    return out, make
+
+
+def step_rows(model, params, config, batch, variants, reps: int, *, timed: bool = True) -> dict:
+    """Per variant: FLOPs, peak bytes, a logits buffer or not, and (``timed``) the median step time."""
+    compiled, make = compile_steps(model, params, config, batch, variants)
+    rows = {}
+    for name, (step, b) in compiled.items():
+        row = {
+            "flops": flops_of(step),
+            "peak": peak_bytes(step),
+            "temp": step.memory_analysis().temp_size_in_bytes,
+            "logits_buffer": logits_buffer(step, batch, model.config.vocab_size),
+        }
+        if timed:
+            state = list(make())
+
+            def run(step=step, state=state, b=b):
+                *state[:], loss = step(params, *state, b)
+                jax.block_until_ready(loss)
+
+            run()  # warm-up
+            row["seconds"] = median_time(run, reps)
+        rows[name] = row
+    return rows
+
+
+def svd_temp(shape: tuple[int, int], rank: int, count: int) -> int:
+    """Temporaries of the SVD (``svd="auto"``) of a stack of ``count`` matrices of ``shape``."""
+    fn = jax.jit(lambda x: lj.top_svd(x, rank, method="auto"))
+    stack = jax.ShapeDtypeStruct((count, min(shape), max(shape)), jnp.float32)
+    return fn.lower(stack).compile().memory_analysis().temp_size_in_bytes
+
+
+def init_memory(model, params, config, batch, *, max_bytes: int) -> dict:
+    """Peak bytes of the init (compiled memory analysis) in one pass and streamed (``max_bytes`` per pass):
+    per pass, the larger of the gradient step's peak (params + gradient sums + one micro-batch's activations)
+    and the SVD phase's (params + the pass's gradients + their stacked copy + the largest stack's SVD
+    temporaries). The streamed figure is that of its largest pass."""
+    loss = lj.full_loss_fn(model)
+    param_bytes = nbytes_abstract(params)
+    targets = lj.find_targets(params, config)
+    size = {p: 4 * t.d_in * t.d_out for p, t in targets.items()}
+    shape = {p: tuple(sorted((t.d_in, t.d_out))) for p, t in targets.items()}
+
+    def pass_peak(modules):
+        step = lj.lower_gradient_step(loss, params, batch, config, micro_batches_per_step=1, modules=modules)
+        step = step.compile()
+        grads = sum(size[p] for p in modules)
+        stacks = {shape[p]: sum(shape[q] == shape[p] for q in modules) for p in modules}
+        svd = max(svd_temp(s, config.rank, n) for s, n in stacks.items())
+        return max(peak_bytes(step), param_bytes + 2 * grads + svd), grads, step.memory_analysis().temp_size_in_bytes
+
+    one, all_grads, _ = pass_peak(sorted(targets))
+    passes = lj.gradient_passes(params, config, max_bytes=max_bytes)
+    streamed, group, activations = pass_peak(max(passes, key=lambda ps: sum(size[p] for p in ps)))
+    return {
+        "params": param_bytes,
+        "all_grads": all_grads,
+        "one_pass": one,
+        "passes": len(passes),
+        "group_grads": group,
+        "activations": activations,
+        "streamed": streamed,
+        "bound": param_bytes + group + activations,
+    }
+
+
+def streamed_init_time(args, model, params, config, micro) -> dict:
+    """Steady-state time of the init in one pass and streamed (``--kernels-per-pass``), and their adapters' gap."""
+    loss = lj.full_loss_fn(model)
+
+    def one_pass():
+        grads = lj.estimate_gradient(loss, params, micro, config, progress=False)
+        return jax.block_until_ready(lj.spectral_init(grads, config))
+
+    def streamed():
+        return jax.block_until_ready(
+            lj.spectral_init_streamed(
+                loss, params, micro, config, kernels_per_pass=args.kernels_per_pass, progress=False
+            )
+        )
+
+    a, b = one_pass(), streamed()  # warm-up (compiles)
+    gap = max(float(jnp.abs(a[p]["a"] @ a[p]["b"] - b[p]["a"] @ b[p]["b"]).max()) for p in a)
+    passes = len(lj.gradient_passes(params, config, kernels_per_pass=args.kernels_per_pass))
+    return {
+        "one_pass_s": median_time(one_pass, args.reps),
+        "streamed_s": median_time(streamed, args.reps),
+        "passes": passes,
+        "max_abs_gap": gap,
+    }
+
+
+def limit_section(args, model, params, tok, config) -> None:
+    """The step against the machine's own matmul peak, the new loss paths against today's, remat, streaming."""
+    peak = matmul_peak()
+    rows = tokenize(load_task(args.limit_task).train.select(range(args.batch)), tok, max_len=args.limit_max_len)
+    rows = [{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows]
+    batch = pad_batch(rows, pad_id=pad_id_of(tok))
+    variants = {name: (pos, chunk, "none") for name, (pos, chunk) in STEP_PATHS.items()}
+    steps = step_rows(model, params, config, batch, variants, args.steps)
+    shape = "x".join(map(str, batch["input_ids"].shape))
+    print(
+        f"\n## The step against this machine's limit: {args.model}, {args.limit_task} batch {shape}, rank {args.rank}"
+    )
+    print(
+        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); float32 matmul peak "
+        f"measured here (2048^3, median): {peak / 1e9:.0f} GFLOP/s\n"
+    )
+    print("| step | time | GFLOP (XLA) | achieved GFLOP/s | fraction of peak | peak memory | logits buffer |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in steps.items():
+        rate = r["flops"] / r["seconds"]
+        print(
+            f"| {name} | {r['seconds']:.3f} s | {r['flops'] / 1e9:.1f} | {rate / 1e9:.0f} | {rate / peak:.2f} "
+            f"| {r['peak'] / MiB:.0f} MiB | {'yes' if r['logits_buffer'] else 'no'} |"
+        )
+    today = steps[TODAY]["seconds"]
+    for name in list(STEP_PATHS)[1:]:
+        print(
+            f"\n{name} / today: time {steps[name]['seconds'] / today:.3f} (target <= 0.85), "
+            f"FLOPs {steps[name]['flops'] / steps[TODAY]['flops']:.3f}, "
+            f"step temporaries {steps[name]['temp'] / MiB:.0f} vs {steps[TODAY]['temp'] / MiB:.0f} MiB"
+        )
+    best = max(r["flops"] / r["seconds"] for r in steps.values()) / peak
+    print(f"best step at {best:.2f} of the measured matmul peak (target >= 0.80)")
+
+    long = fake_batch(args.remat_rows, args.remat_len, 2, model.config.vocab_size)
+    remats = {remat: (True, None, remat) for remat in ("none", "layers", "dots")}
+    rr = step_rows(model, params, config, long, remats, max(1, args.steps // 2))
+    print(f"\n### Rematerialisation ({args.model}, batch {args.remat_rows}x{args.remat_len}, answer positions)\n")
+    print("| remat | step time | peak memory (compiled) | temporaries |\n| --- | --- | --- | --- |")
+    for name, r in rr.items():
+        print(f"| {name} | {r['seconds']:.2f} s | {r['peak'] / MiB:.0f} MiB | {r['temp'] / MiB:.0f} MiB |")
+
+    micro = [pad_batch([r], pad_id=pad_id_of(tok)) for r in rows]
+    st = streamed_init_time(args, model, params, config, micro)
+    print(f"\n### Streamed init ({args.model}, {len(micro)} one-example micro-batches, steady state)\n")
+    print(
+        f"one pass {st['one_pass_s']:.2f} s; streamed in {st['passes']} passes {st['streamed_s']:.2f} s "
+        f"({st['streamed_s'] / st['one_pass_s']:.2f}x); adapters' largest |A B| difference {st['max_abs_gap']:.1e}"
+    )
+
+
+def memory_section(args, model, params, config) -> None:
+    """Peak memory of the step and of the init (compiled memory analysis) as the model grows."""
+    models = [(args.model, model, abstract(params))]
+    models += [(f"{n}, {args.layers} layers", *synthetic_model(n, args.layers)) for n in SYNTHETIC]
+    print(
+        f"\n## Memory as the model grows (compiled memory analysis; float32; batch {args.batch}x{args.mem_len} "
+        f"with a 2-token answer; init: one-example micro-batches of {args.mem_len} tokens)\n"
+    )
+    print(
+        "| model | params | step today | step, answer positions (+ chunks) | logits buffer today / new "
+        "| init one pass | init streamed (passes) | bound: params + group + activations | streamed / bound |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    variants = {name: (pos, chunk, "none") for name, (pos, chunk) in STEP_PATHS.items()}
+    for name, m, p in models:
+        vocab = m.config.vocab_size
+        batch = fake_batch(args.batch, args.mem_len, 2, vocab)
+        steps = step_rows(m, p, config, batch, variants, 0, timed=False)
+        init = init_memory(m, p, config, fake_batch(1, args.mem_len, 2, vocab), max_bytes=args.max_bytes)
+        new, chunked = steps[NEW], steps["answer positions + vocab chunks of 8192"]
+        print(
+            f"| {name} | {init['params'] / MiB:.0f} MiB | {steps[TODAY]['peak'] / MiB:.0f} MiB "
+            f"| {new['peak'] / MiB:.0f} ({chunked['peak'] / MiB:.0f}) MiB "
+            f"| {'yes' if steps[TODAY]['logits_buffer'] else 'no'} / {'yes' if new['logits_buffer'] else 'no'} "
+            f"| {init['one_pass'] / MiB:.0f} MiB | {init['streamed'] / MiB:.0f} MiB ({init['passes']}) "
+            f"| {init['bound'] / MiB:.0f} MiB | {init['streamed'] / init['bound']:.2f} |"
+        )
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="asdiv")
     parser.add_argument("--examples", type=int, default=8, help="training examples (= micro-batches of one)")
@@ -376,13 +664,37 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed training steps of each kind (median)")
     parser.add_argument("--official-svd-q", type=int, default=512, help="q of torch.svd_lowrank (official: 512)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
-    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--json", help="also write the compare section's numbers to this file")
+    limit = parser.add_argument_group("limit and memory sections")
+    limit.add_argument("--limit-task", default="tweet-sentiment", help="the step's batch (the default run's task)")
+    limit.add_argument("--limit-max-len", type=int, default=64)
+    limit.add_argument("--batch", type=int, default=8, help="rows of the training step's batch")
+    limit.add_argument("--remat-rows", type=int, default=4)
+    limit.add_argument("--remat-len", type=int, default=512, help="sequence length of the remat comparison")
+    limit.add_argument("--kernels-per-pass", type=int, default=90, help="streamed init timing: kernels per pass")
+    limit.add_argument("--layers", type=int, default=2, help="layers of the synthetic 1B/7B-width stacks")
+    limit.add_argument("--mem-len", type=int, default=512, help="sequence length of the memory table")
+    limit.add_argument("--max-bytes", type=int, default=256 * MiB, help="streamed init: gradient bytes per pass")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    unknown = sections - {"limit", "memory", "compare"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare")
 
     meter = Meter()
     with meter.phase("load model"):
         model, params, tok = load_model(args.model)
     config = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
+    if "limit" in sections:
+        limit_section(args, model, params, tok, config)
+    if "memory" in sections:
+        memory_section(args, model, params, config)
+    if "compare" in sections:
+        compare_section(args, meter, model, params, tok, config)
+
+
+def compare_section(args, meter, model, params, tok, config) -> None:
+    """Our init and step against plain LoRA, PyTorch + PEFT and the official recipe (the first speed study)."""
     rows = tokenize(load_task(args.task).train.select(range(args.examples)), tok, max_len=args.max_len)
     rows = [{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows]
     micro = [pad_batch([r], pad_id=pad_id_of(tok)) for r in rows]  # natural lengths, as the official recipe
