@@ -36,17 +36,19 @@ def _is_seq2seq(batch) -> bool:
     return "decoder_input_ids" in batch
 
 
-def with_loss_positions(batch, *, multiple: int = 8):
+def with_loss_positions(batch, *, multiple: int = 8, size: int | None = None):
     """``batch`` with ``loss_positions`` added: per row, the indices of its ``loss_mask`` tokens (from
     position 1 for a causal batch, whose token 0 is never predicted), padded with -1 to ``K`` columns, ``K``
-    the largest count over the rows rounded up to ``multiple`` (so few shapes compile). Computed on the host.
+    the largest count over the rows rounded up to ``multiple`` (so few shapes compile), or ``size`` when
+    given (one shape for every batch, e.g. the micro-batches of one step; raises if a row has more). Computed
+    on the host.
 
     Example:
         >>> b = {"input_ids": np.zeros((2, 5), int), "loss_mask": np.array([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]])}
         >>> with_loss_positions(b, multiple=2)["loss_positions"].tolist()
         [[1, 2], [3, 4]]
-        >>> with_loss_positions(b, multiple=4)["loss_positions"].tolist()
-        [[1, 2, -1, -1], [3, 4, -1, -1]]
+        >>> with_loss_positions(b, size=3)["loss_positions"].tolist()
+        [[1, 2, -1], [3, 4, -1]]
     """
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
         raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
@@ -58,8 +60,13 @@ def with_loss_positions(batch, *, multiple: int = 8):
     scored = mask != 0
     if not _is_seq2seq(batch):
         scored[:, 0] = False  # token 0 has no prediction: the full-logits loss scores it 0 as well
-    k = max(int(scored.sum(1).max(initial=0)), 1)
-    k = min(-(-k // multiple) * multiple, mask.shape[1])
+    most = int(scored.sum(1).max(initial=0))
+    if size is not None:
+        if most > size:
+            raise ValueError(f"a row has {most} loss_mask tokens, more than size={size}; raise size (or pass None)")
+        k = size
+    else:
+        k = min(-(-max(most, 1) // multiple) * multiple, mask.shape[1])
     positions = np.full((mask.shape[0], k), -1, np.int32)
     for row, cols in enumerate(scored):
         where = np.flatnonzero(cols)

@@ -47,6 +47,9 @@ def test_loss_positions_against_numpy():
     ]
     with pytest.raises(ValueError, match="multiple must be a positive integer"):
         lj.with_loss_positions(batch, multiple=0)
+    assert lj.with_loss_positions(batch, size=5)["loss_positions"][0].tolist() == [2, 3, 5, -1, -1]
+    with pytest.raises(ValueError, match="more than size=2"):
+        lj.with_loss_positions(batch, size=2)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 10, 64])
