@@ -394,6 +394,44 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A fair comparison (``lora-one-train ... --sweep``, or ``enabled: true``): for each of ``methods``
+    (None: the run's ``methods``; a label ``<method>+<key>=<value>`` is a variant with ``init.<key>`` (or
+    ``<section>.<key>``, sections ``init`` and ``optim``) set, e.g. ``lora-one+gamma=auto``), a learning-rate
+    ``grid`` (None: 5 points 3e-5..3e-3, log-spaced; extended once past an edge that wins) on ``grid_seed``,
+    each run scored by its final answer loss on ``val_size`` validation examples carved from train; then
+    ``seeds`` runs at each method's chosen rate, evaluated as the ``eval`` section says; a report paired
+    against ``reference``, with ``ablations`` rows (``[variant, baseline]`` pairs)."""
+
+    enabled: bool = False
+    methods: tuple[str, ...] | None = None
+    grid: tuple[float, ...] | None = None
+    grid_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_size: int = 300
+    reference: str = "lora"
+    ablations: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"sweep.enabled must be true or false, got {self.enabled!r}")
+        for name in ("methods", "grid", "seeds", "ablations"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"sweep.{name} must be a list, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+        if self.grid is not None and not all(_positive_number(x) for x in self.grid):
+            raise ConfigError(f"sweep.grid must list positive learning rates, got {list(self.grid)}")
+        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ConfigError(f"sweep.seeds must list seeds >= 0, got {list(self.seeds)}")
+        _positive_int(self.grid_seed, "sweep.grid_seed", allow_zero=True)
+        _positive_int(self.val_size, "sweep.val_size")
+        if any(len(pair) != 2 for pair in self.ablations):
+            raise ConfigError(f"sweep.ablations must be [variant, baseline] pairs, got {list(self.ablations)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run. ``methods`` lists one method, or several to compare on identical data and seed.
 
@@ -417,6 +455,7 @@ class RunConfig:
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
     SECTIONS = {
         "model": ModelConfig,
@@ -429,6 +468,7 @@ class RunConfig:
         "export": ExportConfig,
         "mesh": MeshConfig,
         "logging": LoggingConfig,
+        "sweep": SweepConfig,
     }
 
     def __post_init__(self):

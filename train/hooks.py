@@ -69,7 +69,7 @@ def evaluation_hook(evaluate: Callable[[StepInfo], dict], loggers, history: list
         result = evaluate(info)
         log_record(loggers, history, {"step": info.step, **result})
         if info.step != info.total_steps:
-            headline = {k.removeprefix("eval/"): v for k, v in result.items() if k.count("/") == 1}  # not diagnostics
+            headline = {k.removeprefix("eval/"): v for k, v in result.items() if k.startswith("eval/")}
             say(f"step {info.step}: " + ", ".join(f"{k} {_short(v)}" for k, v in headline.items()))
 
     return Hook(every=every, fn=fn)

@@ -208,7 +208,11 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict], gra
     run_name = cfg.logging.name_for(cfg.name, job.method)
     resume_step = state.step if state.step else None
     loggers = make_loggers(cfg.logging, job.folder, run_name=run_name, config=cfg.to_dict(), resume_step=resume_step)
-    evaluate_state = lambda state: {f"eval/{k}": v for k, v in evaluate(ctx, job, state, gradient).items()}
+
+    def evaluate_state(state):
+        scores = {f"eval/{k}": v for k, v in evaluate(ctx, job, state).items()}
+        return {**scores, **diagnose(ctx, job, state, gradient)}
+
     if state.step == 0:  # the init's choices, the gradient's stability and the step-0 evaluation
         log_record(loggers, history, {"step": 0, **job.chosen, **gradient.stability, **evaluate_state(state)})
     bar = progress_bar(total=steps, initial=state.step, desc=f"train {job.method}", unit="step", enabled=ctx.progress)
@@ -256,9 +260,9 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict], gra
     return state
 
 
-def evaluate(ctx: RunContext, job: Job, state: TrainState, gradient: Gradient) -> dict:
+def evaluate(ctx: RunContext, job: Job, state: TrainState) -> dict:
     """The task metric and the held-out answer loss (mean NLL per answer token) on ``eval.limit`` examples
-    (the last evaluation: ``eval.final_limit`` / ``final_score``), and the diagnostics."""
+    (the last evaluation: ``eval.final_limit`` / ``final_score``)."""
     cfg, split = ctx.cfg, ctx.task.eval
     final = state.step == job.spec.total_steps
     limit = cfg.eval.final_limit if final and cfg.eval.final_limit is not None else cfg.eval.limit
@@ -276,10 +280,17 @@ def evaluate(ctx: RunContext, job: Job, state: TrainState, gradient: Gradient) -
             prompts, answers = split["prompt"], split["answer"]
             nll, count = ctx.evaluator.answer_nll(base, adapters, prompts, answers, progress=ctx.progress)
             scores = {"metric": "answer_loss", "score": None, "answer_loss": mean_nll(nll, count)}
-    if gradient.subspaces is not None and adapters is not None:
-        with ctx.phases("diagnostics"):
-            scores.update(lj.alignment_summary(jax.tree.map(jnp.asarray, to_host(adapters)), gradient.subspaces))
     return scores
+
+
+def diagnose(ctx: RunContext, job: Job, state: TrainState, gradient: Gradient) -> dict:
+    """``align/*``: the principal angles (degrees) between the adapters and the initial gradient's top-r
+    subspaces, summarised over modules (empty without the diagnostics or for full fine-tuning)."""
+    _, adapters = adapters_of(job, state)
+    if gradient.subspaces is None or adapters is None:
+        return {}
+    with ctx.phases("diagnostics"):
+        return lj.alignment_summary(jax.tree.map(jnp.asarray, to_host(adapters)), gradient.subspaces)
 
 
 def adapters_of(job: Job, state: TrainState):

@@ -81,6 +81,7 @@ def prepare_output(cfg: RunConfig) -> None:
                 "--restart to start over there, or choose another output_dir (or name)"
             )
     if is_main_process():
+        saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump({**cfg.to_dict(), "restart": False}, sort_keys=False))
 
 
