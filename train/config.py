@@ -401,7 +401,8 @@ class SweepConfig:
     ``grid`` (None: 5 points 3e-5..3e-3, log-spaced; extended once past an edge that wins) on ``grid_seed``,
     each run scored by its final answer loss on ``val_size`` validation examples carved from train; then
     ``seeds`` runs at each method's chosen rate, evaluated as the ``eval`` section says; a report paired
-    against ``reference``, with ``ablations`` rows (``[variant, baseline]`` pairs)."""
+    against ``reference``, with ``ablations`` rows (``[variant, baseline]`` pairs). ``grid_score``: grid runs
+    also report the task metric on the validation split (false saves ASDiv's generation)."""
 
     enabled: bool = False
     methods: tuple[str, ...] | None = None
@@ -411,6 +412,7 @@ class SweepConfig:
     val_size: int = 300
     reference: str = "lora"
     ablations: tuple[tuple[str, str], ...] = ()
+    grid_score: bool = True
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):

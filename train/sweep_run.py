@@ -68,7 +68,8 @@ def run_config(cfg: RunConfig, run: Run) -> RunConfig:
     values["optim"] = {**values["optim"], "learning_rate": run.lr}
     values["sweep"] = {}
     if run.phase == "grid":  # scored once, at the end, on all of the validation split
-        values["eval"] = {**values["eval"], "every": 0, "limit": None, "final_limit": None}
+        score = cfg.sweep.grid_score
+        values["eval"] = {**values["eval"], "every": 0, "limit": None, "final_limit": None, "final_score": score}
     return RunConfig.from_dict(values)
 
 
@@ -84,11 +85,13 @@ class Sweep:
 
     def task(self, run_cfg: RunConfig, phase: str):
         """The run's task: train without the validation split; evaluated on it (grid) or on held-out (seeds)."""
-        if run_cfg.seed not in self.tasks:
-            task = load_run_task(run_cfg)
+        if run_cfg.seed not in self.tasks:  # validation from the whole training pool, then task.train_size
+            pool = load_run_task(dataclasses.replace(run_cfg, task=dataclasses.replace(run_cfg.task, train_size=None)))
             skip, size = run_cfg.init.grad_examples + GAMMA_EXAMPLES, self.cfg.sweep.val_size
-            rest, val = carve_validation(task.train, size, seed=run_cfg.task.split_seed, skip=skip, min_size=1)
-            self.tasks[run_cfg.seed] = (dataclasses.replace(task, train=rest), val)
+            rest, val = carve_validation(pool.train, size, seed=run_cfg.task.split_seed, skip=skip, min_size=1)
+            if run_cfg.task.train_size is not None:
+                rest = rest.select(range(min(run_cfg.task.train_size, len(rest))))
+            self.tasks[run_cfg.seed] = (dataclasses.replace(pool, train=rest), val)
         task, val = self.tasks[run_cfg.seed]
         return dataclasses.replace(task, eval=val) if phase == "grid" else task
 
