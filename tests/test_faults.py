@@ -136,8 +136,8 @@ def test_the_run_says_how_much_data_it_uses(tmp_path, capsys):
     cfg = base_config(tmp_path, **{"train.steps": 1, "eval.limit": 500})
     run(RunConfig.from_dict(cfg), progress=False)
     out = capsys.readouterr().out
-    assert "train 40" in out and "held out 8" in out and "scored 8" in out
-    assert "eval.limit=500 is more than the held-out split" in out
+    assert "48 rows read, 0 duplicate prompts dropped, 40 train, 8 held-out" in out
+    assert "eval limit 500 is more than the 8 held-out examples: all 8 are scored" in out
 
 
 @pytest.mark.slow

@@ -226,13 +226,13 @@ def _numbered_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(
-                        f"{path!r}, line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
-                        "a JSON-lines file holds one JSON object per line"
+                        f"{path!r} is not a valid JSON-lines file (one JSON object per line): line {line_no} "
+                        f"is not JSON ({e.msg} at column {e.colno})"
                     ) from None
                 if not isinstance(row, dict):
                     raise ValueError(
-                        f"{path!r}, line {line_no}: a JSON {type(row).__name__}, not an object; "
-                        "a JSON-lines file holds one JSON object per line"
+                        f"{path!r} is not a valid JSON-lines file (one JSON object per line): line {line_no} "
+                        f"holds a JSON {type(row).__name__}, not an object"
                     )
                 rows.append((line_no, row))
         except UnicodeDecodeError as e:
@@ -513,7 +513,7 @@ def from_records(
     data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row
     without a prompt or answer, with an integer label outside the choices, or with a string answer that
     is not among them raises ``DataError`` naming ``source`` and the row (0-based; with ``line_numbers``,
-    also the row's line in the file): nothing is dropped or guessed silently.
+    also the row's line in the file at the end of the message): nothing is dropped or guessed silently.
 
     A list of dicts (e.g. ``read_jsonl_rows``) is read row by row with each value as written: numeric
     answers ``2`` and ``2.5`` in one column become ``" 2"`` and ``" 2.5"``, and a number among string
@@ -590,10 +590,10 @@ def _row_formatter(fields, template, kind, answer_prefix, choices, cols, source,
     pre = lambda s: s if s[:1].isspace() else answer_prefix + s
 
     def fmt(r, index):
-        where = f"row {index}" if line_numbers is None else f"row {index} (line {line_numbers[index]})"
+        line = "" if line_numbers is None else f" (line {line_numbers[index]} of the file)"
 
         def fail(why):
-            raise DataError(f"{source}, {where}: {why}")
+            raise DataError(f"{source}, row {index}: {why}{line}")
 
         def value(ours):
             v = r[fields[ours]]
