@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax.config import OUTPUT_HEADS, Adapters, LoraConfig, find_targets, matches
+from lora_one_jax.config import OUTPUT_HEADS, Adapters, LoraConfig, Target, find_targets, matches
 from lora_one_jax.gradient import estimate_gradient
 from lora_one_jax.sharding import AXES, mesh_of, to_numpy
 from lora_one_jax.svd import top_svd
@@ -308,7 +308,12 @@ def _free_bytes(params) -> int | None:
 
 
 def gradient_passes(
-    params, config: LoraConfig, *, kernels_per_pass: int | None = None, max_bytes: int | None = None
+    params,
+    config: LoraConfig,
+    *,
+    kernels_per_pass: int | None = None,
+    max_bytes: int | None = None,
+    targets: dict[str, Target] | None = None,
 ) -> list[list[str]]:
     """The module paths whose gradients ``spectral_init_streamed`` computes together, one list per pass.
 
@@ -328,7 +333,7 @@ def gradient_passes(
     """
     return [
         [p for _, (_, paths, _) in group for p in paths]
-        for group in _streamed_plan(params, config, kernels_per_pass, max_bytes)
+        for group in _streamed_plan(params, config, kernels_per_pass, max_bytes, targets)
     ]
 
 
@@ -338,8 +343,8 @@ def _positive(value, name: str) -> int:
     return int(value)
 
 
-def _streamed_plan(params, config: LoraConfig, kernels_per_pass, max_bytes) -> list[tuple]:
-    targets = find_targets(params, config)
+def _streamed_plan(params, config: LoraConfig, kernels_per_pass, max_bytes, targets=None) -> list[tuple]:
+    targets = find_targets(params, config) if targets is None else targets
     shapes = {p: jax.ShapeDtypeStruct((targets[p].d_in, targets[p].d_out), jnp.float32) for p in sorted(targets)}
     plan = _plan(shapes, {p: t.rank for p, t in targets.items()}, "gradient")
     if kernels_per_pass is not None and max_bytes is not None:
@@ -369,6 +374,7 @@ def spectral_init_streamed(
     tol: float = 1e-3,
     micro_batches_per_step: int = 8,
     progress: bool = True,
+    targets: dict[str, Target] | None = None,
 ) -> Adapters:
     """LoRA-One's spectral init straight from the loss, its gradients held one group at a time.
 
@@ -381,7 +387,8 @@ def spectral_init_streamed(
     give the same adapters, the randomized SVD included; a group split across passes gets the same
     adapters with ``svd="exact"`` and sketches of its own with ``"randomized"`` (same accuracy).
     Sharded params give gradients sharded like their kernels. Arguments: as ``estimate_gradient`` and
-    ``spectral_init``; ``kernels_per_pass`` / ``max_bytes`` as ``gradient_passes``.
+    ``spectral_init``; ``kernels_per_pass`` / ``max_bytes`` as ``gradient_passes``; ``targets``:
+    ``find_targets(params, config)`` when the caller already has it.
 
     Example:
         >>> params = {"l0": {"kernel": jnp.eye(4)}, "l1": {"kernel": jnp.eye(4)[::-1]}}
@@ -394,7 +401,7 @@ def spectral_init_streamed(
         True
     """
     gamma = _gamma(gamma)
-    passes = _streamed_plan(params, config, kernels_per_pass, max_bytes)
+    passes = _streamed_plan(params, config, kernels_per_pass, max_bytes, targets)
     batches = list(batches)
     adapters: Adapters = {}
     for group in passes:
@@ -406,6 +413,7 @@ def spectral_init_streamed(
             config,
             micro_batches_per_step=micro_batches_per_step,
             modules=paths,
+            targets=targets,
             progress=progress,
         )
         adapters.update(
