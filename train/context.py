@@ -40,9 +40,10 @@ class Phases:
 class RunContext:
     """The inputs every method of a run shares (frozen), and its caches (explicit fields, mutable contents).
 
-    ``targets`` is ``find_targets(params, cfg.lora)``, resolved once for the whole run. ``steps`` maps a
-    ``StepSpec`` (and the state's shapes) to its compiled train step, so runs that differ only in seed or
-    learning rate reuse one program. ``phases`` accumulates the wall time of each stage.
+    ``targets`` is ``find_targets(params, cfg.lora)``, resolved once for the whole run. ``steps`` holds the
+    run's compiled programs: a ``StepSpec`` (and the state's shapes) maps to its train step, so runs that
+    differ only in seed or learning rate reuse one program, and ``("gamma loss", lora config)`` to
+    ``init.gamma: auto``'s scoring loss. ``phases`` accumulates the wall time of each stage.
     """
 
     cfg: Any  # RunConfig

@@ -144,7 +144,11 @@ def results_of(run: Run, summary: dict) -> dict:
     init = {"gamma": first.get("init/gamma")}
     if "init/gamma" in first:
         losses = {k.removeprefix("init/gamma_loss/"): v for k, v in first.items() if k.startswith("init/gamma_loss/")}
-        init["gamma_auto"] = {"losses": losses, "forward_passes": first.get("init/gamma_forward_passes")}
+        init["gamma_auto"] = {
+            "losses": losses,
+            "forward_passes": first.get("init/gamma_forward_passes"),
+            "seconds": first.get("init/gamma_seconds"),
+        }
     init["grad_stability"] = {k: v for k, v in first.items() if k.startswith("grad_stability/")}
     plain = {k: v for k, v in summary.items() if k not in ("history", "final_state")}
     return {"val" if run.phase == "grid" else "held_out": last, "history": history, "init": init, "summary": plain}
