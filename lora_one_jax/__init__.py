@@ -30,6 +30,7 @@ from lora_one_jax.losses import (
     sequence_logprob,
     token_logprobs,
 )
+from lora_one_jax.nnx import nnx_split
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
@@ -50,6 +51,7 @@ __all__ = [
     "lora_init",
     "matches",
     "merge",
+    "nnx_split",
     "stack_adapters",
     "unmerge",
     "unstack_adapters",

@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import is_nnx_state, logical_kernels, shift_kernels
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 
 
@@ -78,6 +79,8 @@ def _checked_grads(grads, targets: dict[str, Target]):
 
 
 def _logical_kernels(params, targets: dict[str, Target]):
+    if is_nnx_state(params):
+        return logical_kernels(params, targets)
     flat = traverse_util.flatten_dict(params, sep="/")
     return {p: (flat[kernel_key(p)].T if t.transposed else flat[kernel_key(p)]) for p, t in targets.items()}
 
@@ -188,6 +191,8 @@ def _delta(adapter, target: Target) -> jax.Array:
 def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float):
     targets = find_targets(params, config)
     check_adapters(adapters, targets)
+    if is_nnx_state(params):
+        return shift_kernels(params, adapters, targets, sign)
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, adapter in adapters.items():
         w = flat[kernel_key(path)]

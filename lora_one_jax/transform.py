@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lora_one_jax._hf import apply_hf_fixes, is_hf_model
 from lora_one_jax.adapters import check_adapters
 from lora_one_jax.config import LoraConfig, Target, find_targets
+from lora_one_jax.nnx import is_nnx_module, with_lora_nnx
 
 #: Names of module classes that store their kernel as (d_out, d_in). ``lora_one_jax.models`` adds
 #: Hugging Face's ``FlaxConv1D`` (GPT-2); add your own layer's class name here.
@@ -81,7 +82,9 @@ def with_lora(module, config: LoraConfig) -> Callable[..., Any]:
     ``module.apply(variables, *args, **kwargs)`` with the adapters added to every targeted layer.
 
     ``module`` is a ``flax.linen.Module`` or a Hugging Face ``FlaxPreTrainedModel`` (then the call is
-    ``model(*args, params=variables["params"], **kwargs)``). LoRA dropout is active only when
+    ``model(*args, params=variables["params"], **kwargs)``), or a ``flax.nnx.Module``: then ``variables`` is the
+    model's ``nnx.Param`` state (``lora_one_jax.nnx_split(model)[1]``) and a merged copy is called, never
+    ``module`` itself (``lora_one_jax.nnx.with_lora_nnx``). LoRA dropout is active only when
     ``lora_rng`` is given. Differentiable w.r.t. ``adapters`` and usable under ``jax.jit``. Raises if an
     adapter does not fit the config (a module it does not target, another rank, wrong shapes) or if its
     module is never called.
@@ -94,9 +97,14 @@ def with_lora(module, config: LoraConfig) -> Callable[..., Any]:
         >>> (apply(variables, ad, jnp.ones((1, 3))) - model.apply(variables, jnp.ones((1, 3)))).tolist()
         [[3.0, 3.0]]
     """
+    if is_nnx_module(module):
+        return with_lora_nnx(module, config)
     hf = is_hf_model(module)
     if not hf and not isinstance(module, nn.Module):
-        raise TypeError(f"with_lora needs a flax.linen.Module or a HF FlaxPreTrainedModel, got {type(module).__name__}")
+        raise TypeError(
+            "with_lora needs a flax.linen.Module, a HF FlaxPreTrainedModel or a flax.nnx.Module, "
+            f"got {type(module).__name__}"
+        )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"with_lora needs a LoraConfig, got {type(config).__name__}")
     if hf:
