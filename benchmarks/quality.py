@@ -42,8 +42,8 @@ import lora_one_jax as lj
 from lora_one_jax.data import Task, load_task
 from lora_one_jax.eval import Evaluator
 from lora_one_jax.models import load_model
-from train.config import RunConfig
-from train.run import Context, Phases, fit
+from lora_one_train.config import RunConfig
+from lora_one_train.run import Context, Phases, fit
 
 METHODS = ["lora", "lora-one-init", "lora-one", "lora-precond", "pissa", "lora-ga"]
 TASKS = {"asdiv": {"max_len": 96, "score_during": False}, "tweet-sentiment": {"max_len": 64, "score_during": True}}

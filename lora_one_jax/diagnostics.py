@@ -10,6 +10,10 @@ Example:
     >>> out = alignment(ad, g)["fc"]
     >>> out["left"] < 1e-2 and out["right"] < 1e-2  # degrees
     True
+
+For logging during training, compute the gradient's subspaces once (``gradient_subspaces``) and summarise
+the angles at every evaluation as a flat dict of floats (``alignment_summary``); ``gradient_stability``
+says, once at init, how far G's top-r subspaces move between two disjoint sets of gradient examples.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_one_jax.config import LoraConfig
 from lora_one_jax.svd import principal_angles, top_svd
 
 
@@ -73,3 +78,141 @@ def alignment(
         angles = subspace_angles(adapter, grads[path], svd=svd)
         out[path] = {side: float(angles[side].max()) for side in ("left", "right")}
     return out
+
+
+# ----------------------------------------------------------------------------- logged with every evaluation
+
+
+def gradient_subspaces(
+    grads: Mapping[str, jax.Array], config: LoraConfig, *, svd: str = "auto", key: jax.Array | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per module, orthonormal bases of the top-r left (d_in, r) and right (d_out, r) singular subspaces of
+    ``grads[path]`` (r = ``config.rank_for(path)``), as float64 numpy: compute them once, compare often.
+
+    Matrices of one shape and rank share one stacked ``top_svd`` (``svd``: ``"auto"``, ``"exact"`` or
+    ``"randomized"``; ``key`` seeds the sketch). The subspaces of ``G`` and ``-G`` are the same.
+
+    Example:
+        >>> sub = gradient_subspaces({"fc": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}, lj.LoraConfig(rank=2))
+        >>> np.abs(sub["fc"]["left"]).round(6).tolist()
+        [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    """
+    groups: dict[tuple, list[str]] = {}
+    for path, g in grads.items():
+        if getattr(g, "ndim", None) != 2:
+            raise ValueError(f"grads[{path!r}] must be a (d_in, d_out) matrix, got shape {getattr(g, 'shape', None)}")
+        groups.setdefault((tuple(g.shape), config.rank_for(path)), []).append(path)
+    out = {}
+    for (_, rank), paths in groups.items():
+        stack = jnp.stack([jnp.asarray(grads[p], jnp.float32) for p in paths])
+        if not bool(jnp.isfinite(stack).all()):
+            bad = [p for p in paths if not bool(jnp.isfinite(grads[p]).all())]
+            raise ValueError(f"the gradients of {bad[:10]} hold NaN or Inf; their subspaces are undefined")
+        u, _, v = top_svd(stack, rank, method=svd, key=key)
+        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        out.update({p: {"left": u[i], "right": v[i]} for i, p in enumerate(paths)})
+    return {p: out[p] for p in grads}
+
+
+def adapter_angles(
+    adapters: Mapping[str, Mapping[str, jax.Array]], subspaces: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per module, all principal angles (degrees, ascending) between span(A) and the ``"left"`` subspace and
+    between the row space of B and the ``"right"`` subspace of ``subspaces[path]`` (``gradient_subspaces``).
+
+    Example:
+        >>> sub = gradient_subspaces({"fc": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}, lj.LoraConfig(rank=1))
+        >>> ad = {"fc": {"a": jnp.array([[0.0], [1.0], [1.0]]), "b": jnp.array([[2.0, 0.0, 0.0]])}}
+        >>> {k: v.round(3).tolist() for k, v in adapter_angles(ad, sub)["fc"].items()}
+        {'left': [90.0], 'right': [0.0]}
+    """
+    missing = sorted(set(adapters) - set(subspaces))
+    if missing:
+        raise ValueError(f"no gradient subspaces for the modules {missing[:10]}; compute them for every adapter")
+    out = {}
+    for path, ad in adapters.items():
+        a, b = np.asarray(ad["a"], np.float64), np.asarray(ad["b"], np.float64)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise ValueError(f"adapter {path!r} holds NaN or Inf; its subspaces are undefined")
+        out[path] = {
+            "left": principal_angles(a, subspaces[path]["left"]),
+            "right": principal_angles(b.T, subspaces[path]["right"]),
+        }
+    return out
+
+
+def summarize_angles(angles: Mapping[str, Mapping[str, np.ndarray]], prefix: str = "") -> dict[str, float]:
+    """A flat dict of floats (degrees) from per-module principal angles, for logs and plots.
+
+    For each side (``left``, ``right``): ``{side}_mean``, the mean over modules of the module's mean angle;
+    ``{side}_max_mean``, the mean over modules of the module's largest angle; ``{side}_max``, the largest
+    angle of any module. Keys are prefixed with ``prefix``.
+
+    Example:
+        >>> ang = {"m1": {"left": np.array([0.0, 10.0]), "right": np.array([0.0, 0.0])},
+        ...        "m2": {"left": np.array([20.0, 30.0]), "right": np.array([0.0, 90.0])}}
+        >>> summarize_angles(ang, "align/")  # doctest: +NORMALIZE_WHITESPACE
+        {'align/left_mean': 15.0, 'align/left_max_mean': 20.0, 'align/left_max': 30.0,
+         'align/right_mean': 22.5, 'align/right_max_mean': 45.0, 'align/right_max': 90.0}
+    """
+    if not angles:
+        raise ValueError("summarize_angles needs the angles of at least one module")
+    out = {}
+    for side in ("left", "right"):
+        means = [float(np.mean(a[side])) for a in angles.values()]
+        maxes = [float(np.max(a[side])) for a in angles.values()]
+        out[f"{prefix}{side}_mean"] = float(np.mean(means))
+        out[f"{prefix}{side}_max_mean"] = float(np.mean(maxes))
+        out[f"{prefix}{side}_max"] = float(np.max(maxes))
+    return out
+
+
+def alignment_summary(
+    adapters: Mapping[str, Mapping[str, jax.Array]],
+    subspaces: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    prefix: str = "align/",
+) -> dict[str, float]:
+    """``summarize_angles`` of ``adapter_angles``: how aligned the adapters are now with the initial gradient's
+    top-r subspaces, as a flat dict of floats in degrees (0: inside them, 90: orthogonal) to log at every
+    evaluation. A LoRA B = 0 counts its missing row space as 90 degrees.
+
+    Example:
+        >>> g = {"fc": jax.random.normal(jax.random.key(0), (8, 6))}
+        >>> cfg = lj.LoraConfig(rank=2)
+        >>> out = alignment_summary(lj.spectral_init(g, cfg), gradient_subspaces(g, cfg))
+        >>> len(out), out["align/left_max"] < 0.01, out["align/right_max"] < 0.01
+        (6, True, True)
+    """
+    return summarize_angles(adapter_angles(adapters, subspaces), prefix)
+
+
+def gradient_stability(
+    grads_1: Mapping[str, jax.Array],
+    grads_2: Mapping[str, jax.Array],
+    config: LoraConfig,
+    *,
+    svd: str = "auto",
+    key: jax.Array | None = None,
+    prefix: str = "grad_stability/",
+) -> dict[str, float]:
+    """How far G's top-r subspaces move between two gradient estimates from disjoint examples: the principal
+    angles (degrees) between their left and between their right subspaces, summarised like
+    ``summarize_angles``. Small angles: the init's directions are a property of the task, not of the few
+    examples. Estimating ``grads_1`` and ``grads_2`` on the two halves of the gradient examples costs nothing
+    extra: their mean is the full estimate.
+
+    Example:
+        >>> g = jax.random.normal(jax.random.key(0), (8, 6))
+        >>> cfg = lj.LoraConfig(rank=2)
+        >>> gradient_stability({"fc": g}, {"fc": 3.0 * g}, cfg)["grad_stability/left_max"] < 0.01  # same subspaces
+        True
+    """
+    if set(grads_1) != set(grads_2):
+        raise ValueError(
+            f"the two gradient estimates cover different modules: {sorted(set(grads_1) ^ set(grads_2))[:10]}"
+        )
+    s1 = gradient_subspaces(grads_1, config, svd=svd, key=key)
+    s2 = gradient_subspaces(grads_2, config, svd=svd, key=key)
+    angles = {p: {side: principal_angles(s1[p][side], s2[p][side]) for side in ("left", "right")} for p in s1}
+    return summarize_angles(angles, prefix)

@@ -28,9 +28,9 @@ from lora_one_jax.sharding import (
     shard_params,
     stacked_adapter_specs,
 )
-from train.checkpoint import Checkpointer
-from train.config import RunConfig
-from train.run import run
+from lora_one_train.checkpoint import Checkpointer
+from lora_one_train.config import RunConfig
+from lora_one_train.run import run
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -245,7 +245,7 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
         env = {**os.environ, "LORA_ONE_PROGRESS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "train", str(path)],
+                [sys.executable, "-m", "lora_one_train", str(path)],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -258,7 +258,9 @@ def test_two_processes_give_the_adapters_of_one(tmp_path):
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(tiny_run(tmp_path, "one", (2, 1, 1))))
     env = {**os.environ, "LORA_ONE_PROGRESS": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    subprocess.run([sys.executable, "-m", "train", str(one)], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lora_one_train", str(one)], cwd=ROOT, env=env, check=True, capture_output=True
+    )
     two, _ = load_adapters(tmp_path / "runs" / "two" / "lora-one" / "adapters")
     single, _ = load_adapters(tmp_path / "runs" / "one" / "lora-one" / "adapters")
     for path in single:

@@ -16,9 +16,9 @@ import yaml
 
 import lora_one_jax as lj
 from lora_one_jax.export import load_adapters
-from train import checkpoint as ckpt_mod
-from train.config import CONFIG_DIR, METHODS, ConfigError, RunConfig, load_config, parse_overrides
-from train.run import run
+from lora_one_train import checkpoint as ckpt_mod
+from lora_one_train.config import CONFIG_DIR, METHODS, ConfigError, RunConfig, load_config, parse_overrides
+from lora_one_train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def test_a_failed_save_raises_and_keeps_the_previous_checkpoint(tmp_path, monkey
 
 def cli(config_path, *extra):
     env = {**os.environ, "LORA_ONE_PROGRESS": "0", "XLA_FLAGS": ""}
-    return [sys.executable, "-m", "train", str(config_path), *extra], env
+    return [sys.executable, "-m", "lora_one_train", str(config_path), *extra], env
 
 
 @pytest.mark.slow

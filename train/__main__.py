@@ -1,5 +1,6 @@
-"""``python -m train`` is ``lora-one-train``."""
+"""``python -m lora_one_train`` is ``lora-one-train``."""
 
-from train.cli import main
+from lora_one_train.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
 """Orbax checkpoints of a training run behind one small wrapper.
 
 A checkpoint holds what training changes: the trainable state (adapters or, for full fine-tuning, the
-params), the optimizer state, and a JSON record (step, data-stream position, RNG seed, the initial
-adapters' file for residual inits, and the model spec). The frozen base model is named by its spec and
-never copied. Saves are synchronous: Orbax writes into a temporary folder and renames it when complete,
-so a failed save (disk full, permissions) raises and leaves the previous checkpoint as it was.
+params), the optimizer state, and a JSON record (step, data-stream position, the resumable part of
+the config, the data's fingerprint and the history of logged records up to that step). The frozen
+base model is named by its spec and never copied. Saves are synchronous: Orbax writes into a
+temporary folder and renames it when complete, so a failed save (disk full, permissions) raises and
+leaves the previous checkpoint as it was. An unreadable checkpoint is skipped for the one before it.
 
 Example:
     >>> import tempfile, numpy as np
@@ -23,9 +24,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lora_one_train.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says where and why."""
+
+def _reason(error: Exception, limit: int = 200) -> str:
+    """The first line of an error, short (TensorStore errors run to hundreds of lines)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {first}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -63,15 +69,33 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:
             raise CheckpointError(
-                f"saving checkpoint {step} in {self.folder} failed ({type(e).__name__}: {e}); the "
+                f"saving checkpoint {step} in {self.folder} failed ({_reason(e)}); the "
                 f"previous checkpoint (step {self.latest_step()}) is intact"
             ) from e
 
-    def restore(self, like, step: int | None = None):
-        """``(state, record)`` of checkpoint ``step`` (default: the latest), ``state`` shaped like ``like``."""
+    def steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def record(self, step: int | None = None) -> dict | None:
+        """The JSON record of checkpoint ``step`` (default: the latest) without reading its arrays; None if none."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise CheckpointError(f"no checkpoint in {self.folder}")
+            return None
+        try:
+            restored = self.manager.restore(step, args=self._ocp.args.Composite(record=self._ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {step} has an unreadable record ({_reason(e)})") from e
+        return dict(restored.record)
+
+    def restore(self, like, step: int | None = None, *, accept=lambda record: None, warn=print):
+        """``(state, record)`` of checkpoint ``step`` (default: the newest readable one), shaped like ``like``.
+
+        ``accept(record)`` sees each record before its arrays are read and raises to refuse it (another
+        configuration, other data): that error propagates. Without ``step``, an unreadable checkpoint (a
+        truncated array file, a half-deleted folder) is reported in one line through ``warn`` and the one
+        before it is tried; if none can be read the error names the folder to delete.
+        """
         abstract = jax.tree.map(
             lambda x: (
                 jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
@@ -80,17 +104,33 @@ class Checkpointer:
             ),
             like,
         )
-        args = self._ocp.args.Composite(
-            state=self._ocp.args.StandardRestore(abstract), record=self._ocp.args.JsonRestore()
+        candidates = [step] if step is not None else self.steps()[::-1]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {self.folder}")
+        failures = []
+        for candidate in candidates:
+            try:
+                record = self.record(candidate)
+            except CheckpointError as e:
+                record = None
+                failures.append(str(e))
+            if record is not None:
+                accept(record)  # a refusal (another configuration, other data) is not a damaged checkpoint
+                try:
+                    return self._restore(candidate, abstract), record
+                except Exception as e:
+                    failures.append(f"checkpoint {candidate} is unreadable ({_reason(e)})")
+            if step is None and candidate != candidates[-1]:
+                warn(f"{failures[-1]} in {self.folder}; trying the one before it")
+        raise CheckpointError(
+            f"no readable checkpoint in {self.folder} ({'; '.join(failures)}); delete that folder "
+            "(or rerun with --restart) to start this method over"
         )
-        try:
-            restored = self.manager.restore(step, args=args)
-        except Exception as e:
-            raise CheckpointError(
-                f"restoring checkpoint {step} from {self.folder} failed ({type(e).__name__}: {e}); "
-                "was it written by another configuration?"
-            ) from e
-        return restored.state, dict(restored.record)
+
+    def _restore(self, step: int, abstract):
+        return self.manager.restore(
+            step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract))
+        ).state
 
     def close(self) -> None:
         self.manager.close()

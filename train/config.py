@@ -13,7 +13,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import importlib.util
 import math
+import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ from typing import Any
 import yaml
 
 from lora_one_jax import LoraConfig
+from lora_one_train.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("lora_one_train.configs")))  # package data (configs/ in the repo)
 DEFAULT_CONFIG = "default"
 
 #: method -> (init, preconditioned optimizer)
@@ -35,10 +40,81 @@ METHODS = {
     "lora-ga": ("lora-ga", False),
     "full": ("full", False),
 }
+#: the placeholders ``output_dir`` may use, and ``logging.run_name`` (which also has ``{method}``)
+OUTPUT_DIR_FIELDS = ("name",)
+RUN_NAME_FIELDS = ("name", "method")
+#: where metrics can go (``logging.loggers``)
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2 floats: PyYAML implements YAML 1.1, where ``1e-4`` (no dot) and ``1E8`` are strings.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it and what is allowed."""
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads YAML 1.2 floats: ``1e-4`` and ``1E8`` are numbers, not strings.
+
+    Example:
+        >>> yaml.load("lr: 1e-4\\neps: 1.0e-8\\nsteps: 5\\nname: 1.2.3", YamlLoader)
+        {'lr': 0.0001, 'eps': 1e-08, 'steps': 5, 'name': '1.2.3'}
+    """
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (with YAML 1.2 floats); a syntax error is one ``ConfigError`` line naming ``where``.
+
+    Example:
+        >>> parse_yaml("optim: {learning_rate: 3e-4}", "my.yaml")
+        {'optim': {'learning_rate': 0.0003}}
+        >>> parse_yaml("[q_proj, v_proj", "override 'lora.targets=[q_proj, v_proj'")
+        Traceback (most recent call last):
+        lora_one_train.errors.ConfigError: override 'lora.targets=[q_proj, v_proj' is not valid YAML: expected ',' or ']', but got '<stream end>' (line 1, column 16)
+    """  # noqa: E501
+    try:
+        return yaml.load(text, YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where_in = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{where_in}") from None
+
+
+def check_template(template: Any, what: str, fields: tuple[str, ...]) -> None:
+    """Refuse a ``str.format`` template with placeholders other than ``fields``, naming them and the valid ones.
+
+    Example:
+        >>> check_template("runs/{nam}", "output_dir", ("name",))
+        Traceback (most recent call last):
+        lora_one_train.errors.ConfigError: output_dir 'runs/{nam}' has the unknown placeholder {nam}; valid: {name}
+    """
+    valid = ", ".join("{" + f + "}" for f in fields)
+    if not isinstance(template, str) or not template:
+        raise ConfigError(f"{what} must be a non-empty string (placeholders: {valid}), got {template!r}")
+    try:
+        used = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as e:
+        raise ConfigError(f"{what} {template!r} is not a valid template ({e}); placeholders: {valid}") from None
+    unknown = [f for f in used if f not in fields]
+    if unknown:
+        names = ", ".join("{" + f + "}" for f in unknown)
+        raise ConfigError(f"{what} {template!r} has the unknown placeholder {names}; valid: {valid}")
+    try:
+        template.format(**dict.fromkeys(fields, "x"))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{what} {template!r} is not a valid template ({e}); placeholders: {valid}") from None
 
 
 def _section(cls, values: Any, name: str):
@@ -58,9 +134,22 @@ def _section(cls, values: Any, name: str):
         raise ConfigError(f"section {name!r}: {e}") from None
 
 
+def _plain(value):
+    """Tuples as lists, recursively (YAML's safe dumper writes no tuples)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _positive_int(value, what, allow_zero=False):
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         raise ConfigError(f"{what} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def _number(value, what, low=None, high=None, low_open=False):
@@ -110,13 +199,14 @@ class InitConfig:
 
     ``grad_examples`` training examples (the first ones of the shuffled train split, never evaluated)
     in micro-batches of ``grad_batch_size`` (the official recipe: 8 of 1); ``gamma`` is LoRA-One's
-    (128) and ``lora_ga_gamma`` LoRA-GA's stable gamma (16).
+    (128, or ``auto``: chosen by LoRA-One's own step on held-out batches) and ``lora_ga_gamma`` LoRA-GA's
+    stable gamma (16).
     """
 
     grad_examples: int = 8
     grad_batch_size: int = 1
     micro_batches_per_step: int = 8
-    gamma: float = 128.0
+    gamma: float | str = 128.0
     lora_ga_gamma: float = 16.0
     svd: str = "auto"
 
@@ -124,7 +214,8 @@ class InitConfig:
         _positive_int(self.grad_examples, "init.grad_examples")
         _positive_int(self.grad_batch_size, "init.grad_batch_size")
         _positive_int(self.micro_batches_per_step, "init.micro_batches_per_step")
-        _number(self.gamma, "init.gamma", 0, low_open=True)
+        if self.gamma != "auto" and not _positive_number(self.gamma):
+            raise ConfigError(f"init.gamma must be a positive number or 'auto', got {self.gamma!r}")
         _number(self.lora_ga_gamma, "init.lora_ga_gamma", 0, low_open=True)
         if self.svd not in ("auto", "exact", "randomized"):
             raise ConfigError(f"init.svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
@@ -253,13 +344,65 @@ class MeshConfig:
         _positive_int(self.tensor, "mesh.tensor")
 
 
+def _require_wandb() -> None:
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.loggers lists 'wandb' but wandb is not installed; `pip install wandb` (and `wandb login`, or "
+            "WANDB_MODE=offline), or drop 'wandb' from logging.loggers"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go, besides the progress lines: ``loggers`` among ``jsonl`` (``metrics.jsonl``, always
+    kept: resume and the summary read it), ``tensorboard`` (event files under ``tensorboard/``) and ``wandb``
+    (needs ``pip install wandb``; its own variables apply, e.g. ``WANDB_MODE=offline``). ``project`` is the
+    W&B project, ``run_name`` the run's name with placeholders ``{name}`` and ``{method}`` (None:
+    ``{name}/{method}``).
+
+    Example:
+        >>> LoggingConfig(loggers=["jsonl"], run_name="{name}-{method}").name_for("default", "lora-one")
+        'default-lora-one'
+    """
+
+    loggers: tuple[str, ...] = ("jsonl", "tensorboard")
+    project: str = "lora-one-jax"
+    run_name: str | None = None
+
+    def __post_init__(self):
+        loggers = (self.loggers,) if isinstance(self.loggers, str) else self.loggers
+        if not isinstance(loggers, (list, tuple)) or any(not isinstance(x, str) for x in loggers):
+            raise ConfigError(f"logging.loggers must be a list of names among {list(LOGGERS)}, got {self.loggers!r}")
+        object.__setattr__(self, "loggers", tuple(loggers))
+        bad = [x for x in loggers if x not in LOGGERS]
+        if bad or len(set(loggers)) != len(loggers):
+            raise ConfigError(f"logging.loggers {list(loggers)}: unknown or repeated; choose from {list(LOGGERS)}")
+        if "jsonl" not in loggers:
+            raise ConfigError(f"logging.loggers {list(loggers)} must include 'jsonl' (resume and the summary read it)")
+        if not isinstance(self.project, str) or not self.project:
+            raise ConfigError(f"logging.project must be a non-empty string, got {self.project!r}")
+        if self.run_name is not None:
+            check_template(self.run_name, "logging.run_name", RUN_NAME_FIELDS)
+        if "wandb" in loggers:
+            _require_wandb()
+
+    def name_for(self, name: str, method: str) -> str:
+        """The run name a logger shows for ``method`` of the run ``name``."""
+        return (self.run_name or "{name}/{method}").format(name=name, method=method)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A whole run. ``methods`` lists one method, or several to compare on identical data and seed."""
+    """A whole run. ``methods`` lists one method, or several to compare on identical data and seed.
+
+    ``output_dir`` may use ``{name}``; ``seed`` is >= 0; ``restart: true`` (``--restart``) deletes the run's
+    checkpoints and starts over instead of resuming.
+    """
 
     name: str = "run"
     output_dir: str = "runs/{name}"
     seed: int = 0
+    restart: bool = False
     methods: tuple[str, ...] = ("lora-one",)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
@@ -271,6 +414,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     SECTIONS = {
         "model": ModelConfig,
@@ -282,6 +426,7 @@ class RunConfig:
         "checkpoint": CheckpointConfig,
         "export": ExportConfig,
         "mesh": MeshConfig,
+        "logging": LoggingConfig,
     }
 
     def __post_init__(self):
@@ -294,8 +439,12 @@ class RunConfig:
             raise ConfigError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
         if len(set(methods)) != len(methods):
             raise ConfigError(f"methods {list(methods)} repeat a method")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        _positive_int(self.seed, "seed", allow_zero=True)
+        if not isinstance(self.restart, bool):
+            raise ConfigError(f"restart must be true or false, got {self.restart!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+        check_template(self.output_dir, "output_dir", OUTPUT_DIR_FIELDS)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -304,7 +453,7 @@ class RunConfig:
         Example:
             >>> RunConfig.from_dict({"optim": {"lr": 1e-4}})
             Traceback (most recent call last):
-            train.config.ConfigError: unknown key(s) ['lr'] in section 'optim'; valid keys: ['learning_rate', 'schedule', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'damping']
+            lora_one_train.errors.ConfigError: unknown key(s) ['lr'] in section 'optim'; valid keys: ['learning_rate', 'schedule', 'warmup_steps', 'warmup_ratio', 'weight_decay', 'b1', 'b2', 'eps', 'clip_norm', 'damping']
         """  # noqa: E501
         if not isinstance(values, Mapping):
             raise ConfigError(f"a run config is a mapping of sections, got {type(values).__name__}")
@@ -335,9 +484,7 @@ class RunConfig:
                 value = value.to_dict()
             elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
+            out[f.name] = _plain(value)
         return out
 
     @property
@@ -346,20 +493,21 @@ class RunConfig:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["train.steps=200", "lora.targets=[q_proj, v_proj]"]`` -> nested dict (values parsed as YAML).
+    """``["train.steps=200", "lora.targets=[q_proj, v_proj]"]`` -> nested dict (values parsed as YAML 1.2).
 
     Example:
-        >>> parse_overrides(["train.steps=200", "lora.targets=[q_proj, v_proj]", "methods=lora"])
-        {'train': {'steps': 200}, 'lora': {'targets': ['q_proj', 'v_proj']}, 'methods': 'lora'}
+        >>> parse_overrides(["train.steps=200", "lora.targets=[q_proj, v_proj]", "optim.learning_rate=1e-4"])
+        {'train': {'steps': 200}, 'lora': {'targets': ['q_proj', 'v_proj']}, 'optim': {'learning_rate': 0.0001}}
     """
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.steps=200)")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw, f"override {item!r}") if raw.strip() else None
         node = out
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = parts
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -409,8 +557,11 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
         3
     """
     path = config_path(name_or_path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    values = parse_yaml(path.read_text(), str(path))
+    if values is None:
+        raise ConfigError(f"{path} is empty; a run config is a mapping of sections, e.g. configs/default.yaml")
+    if not isinstance(values, Mapping):
+        raise ConfigError(
+            f"{path} holds a {type(values).__name__}; a run config is a mapping of sections, e.g. configs/default.yaml"
+        )
     return RunConfig.from_dict(merge(values, parse_overrides(overrides or [])))

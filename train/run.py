@@ -1,534 +1,132 @@
-"""The main job: config -> model -> task -> gradient -> init -> fit (eval, checkpoints) -> export -> summary.
+"""The main job: config -> model -> task -> gradient -> for each method: init -> fit -> export -> summary.
 
 ``run(cfg)`` trains every method of ``cfg.methods`` on identical data, seed and code path, and writes
-under ``cfg.out_dir``: one folder per method (``metrics.jsonl``, ``checkpoints/``, ``adapters/``,
-``peft/``, ``merged/``, ``summary.json``) and, for the run, ``summary.md``, ``summary.json`` and
-``curves.png``. Rerunning the same command after a crash resumes every method from its last checkpoint.
+under ``cfg.out_dir``: one folder per method (``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
+``adapters/``, ``peft/``, ``merged/``, ``summary.json``) and, for the run, ``config.yaml``, ``summary.md``,
+``summary.json`` and ``curves.png``. Rerunning the same command after a crash resumes every method from its
+last checkpoint; ``restart=True`` (``--restart``) starts the run's methods over instead.
+
+Guarantees (each tested in ``tests/test_trainer.py`` / ``tests/test_faults.py``): one run at a time per
+``output_dir`` (a lock); nothing is written before the configuration is checked against the checkpoints
+already there; a checkpoint never holds non-finite state; resuming on changed data is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import time
-from pathlib import Path
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import yaml
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_one_jax as lj
-from lora_one_jax.data import BatchStream, load_task, pad_batch, pad_id_of, pad_seq2seq_batch, tokenize
-from lora_one_jax.eval import Evaluator
-from lora_one_jax.export import fold_residual, load_adapters, save_adapters, save_peft
-from lora_one_jax.models import load_model
-from lora_one_jax.models.export import save_pretrained
-from lora_one_jax.progress import progress_bar
-from lora_one_jax.sharding import (
-    BATCH_AXES,
-    LLAMA_RULES,
-    adapter_specs,
-    batch_sharding,
-    like_params,
-    make_mesh,
-    place,
-    stacked_adapter_specs,
-    to_numpy,
+from lora_one_jax.data import (
+    BatchStream,
+    DataError,
+    fingerprint,
+    load_task,
+    pad_batch,
+    pad_id_of,
+    pad_seq2seq_batch,
+    tokenize,
 )
-from train.checkpoint import Checkpointer
-from train.config import METHODS, ConfigError, RunConfig
-from train.report import plot_curves, summary_table
-
-RESIDUAL_INITS = ("pissa", "lora-ga")  # their frozen base is W - scale * A0 @ B0
-
-
-class Phases:
-    """Wall time per named phase, accumulated."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-@dataclasses.dataclass
-class Context:
-    """What every method of a run shares."""
-
-    cfg: RunConfig
-    model: object
-    params: object
-    tokenizer: object
-    task: object
-    evaluator: Evaluator
-    phases: Phases
-    progress: bool
-    mesh: object = None  # a jax Mesh when the run is sharded (config section `mesh`), else None
-    rules: tuple = ()
-    grads: dict | None = None
-    steps: dict = dataclasses.field(default_factory=dict)  # compiled train steps, see compiled_step
-    loss_fn: object = None  # the full fine-tuning loss (one function: its gradient step compiles once)
-
-
-# ----------------------------------------------------------------------------- recipe
-
-
-def schedule(cfg: RunConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then linear decay to 0 (or cosine, or constant).
-
-    Example:
-        >>> from train.config import RunConfig
-        >>> s = schedule(RunConfig.from_dict({"optim": {"warmup_steps": 2, "learning_rate": 1.0}}), 6)
-        >>> [round(float(s(i)), 2) for i in range(7)]
-        [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
-    """
-    o = cfg.optim
-    warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * total_steps))
-    warmup = min(warmup, total_steps)
-    decay_steps = max(total_steps - warmup, 1)
-    if o.schedule == "constant":
-        after = optax.constant_schedule(o.learning_rate)
-    elif o.schedule == "cosine":
-        after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
-    else:
-        after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup])
-
-
-def optimizer(cfg: RunConfig, total_steps: int, precondition: bool) -> optax.GradientTransformation:
-    """The one recipe of every method: clip by global norm -> (LoRA-One preconditioner) -> AdamW.
-
-    The AdamW inside follows the schedule's *shape* (peak 1.0): the train step multiplies its updates by
-    the peak learning rate, an argument, so runs that differ only in learning rate share one compiled step.
-
-    Example:
-        >>> from train.config import RunConfig
-        >>> opt = optimizer(RunConfig(), 10, precondition=True)
-        >>> len(opt.init({"m": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}))
-        3
-    """
-    o = cfg.optim
-    shape = schedule(dataclasses.replace(cfg, optim=dataclasses.replace(o, learning_rate=1.0)), total_steps)
-    parts = [optax.clip_by_global_norm(o.clip_norm) if o.clip_norm is not None else optax.identity()]
-    parts.append(lj.lora_one_precond(o.damping) if precondition else optax.identity())
-    parts.append(optax.adamw(shape, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return optax.chain(*parts)
-
-
-def total_steps(cfg: RunConfig, n_train: int) -> int:
-    """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` over the training split."""
-    if cfg.train.steps is not None:
-        return cfg.train.steps
-    per_epoch = n_train // (cfg.train.batch_size * cfg.train.grad_accum)
-    return max(1, int(round(cfg.train.epochs * per_epoch)))
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def gradient_batches(ctx: Context) -> list[dict]:
-    """The gradient estimate's micro-batches: the first ``init.grad_examples`` training examples (in
-    ``seed`` order; the held-out split never contains them), ``init.grad_batch_size`` per micro-batch."""
-    cfg = ctx.cfg.init
-    train = ctx.task.train
-    if len(train) < cfg.grad_examples:
-        raise ConfigError(f"init.grad_examples={cfg.grad_examples} but the training split has {len(train)} examples")
-    data = tokenize(train.select(range(cfg.grad_examples)), ctx.tokenizer, max_len=ctx.cfg.task.max_len)
-    rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
-    size, pad, start = cfg.grad_batch_size, pad_id_of(ctx.tokenizer), decoder_start(ctx.model)
-    if start is not None:
-        return [
-            pad_seq2seq_batch(rows[i : i + size], pad_id=pad, decoder_start_id=start) for i in range(0, len(rows), size)
-        ]
-    return [pad_batch(rows[i : i + size], pad_id=pad) for i in range(0, len(rows), size)]
-
-
-def decoder_start(model) -> int | None:
-    """An encoder-decoder model's decoder start token (its batches are seq2seq batches), else None."""
-    config = getattr(model, "config", None)
-    return config.decoder_start_token_id if getattr(config, "is_encoder_decoder", False) else None
-
-
-def estimate(ctx: Context) -> dict:
-    """The full fine-tuning gradient, computed once per run and shared by the methods that need it."""
-    if ctx.grads is None:
-        with ctx.phases("gradient estimate"):
-            ctx.loss_fn = ctx.loss_fn or lj.full_loss_fn(ctx.model)
-            ctx.grads = lj.estimate_gradient(
-                ctx.loss_fn,
-                ctx.params,
-                gradient_batches(ctx),
-                ctx.cfg.lora,
-                micro_batches_per_step=ctx.cfg.init.micro_batches_per_step,
-                progress=ctx.progress,
-            )
-            jax.block_until_ready(ctx.grads)
-    return ctx.grads
-
-
-def initial_adapters(ctx: Context, method: str):
-    """``(frozen base, adapters)`` at step 0 for ``method``."""
-    init, _ = METHODS[method]
-    cfg, key = ctx.cfg, jax.random.key(ctx.cfg.seed)
-    kwargs = {}
-    if init in ("lora-one", "lora-ga"):
-        kwargs = {"grads": estimate(ctx), "gamma": cfg.init.gamma if init == "lora-one" else cfg.init.lora_ga_gamma}
-    if init != "lora":
-        kwargs["svd"] = cfg.init.svd
-    with ctx.phases("init (SVD)" if init != "lora" else "init"):
-        base, adapters = lj.init_adapters(ctx.params, cfg.lora, key=key, method=init, **kwargs)
-        jax.block_until_ready(adapters)
-    return base, adapters
-
-
-def evaluate(ctx: Context, base, adapters) -> dict:
-    """The task metric and the held-out answer loss (mean NLL per answer token) on ``eval.limit`` examples."""
-    cfg = ctx.cfg
-    split = (
-        ctx.task.eval
-        if cfg.eval.limit is None
-        else ctx.task.eval.select(range(min(cfg.eval.limit, len(ctx.task.eval))))
-    )
-    with ctx.phases("evaluation"):
-        if not cfg.eval.score:
-            nll, count = ctx.evaluator.answer_nll(
-                base, adapters, split["prompt"], split["answer"], progress=ctx.progress
-            )
-            return {"metric": "answer_loss", "score": None, "answer_loss": float(nll.sum() / max(count.sum(), 1))}
-        result = ctx.evaluator.evaluate(
-            base, adapters, split, max_new_tokens=cfg.eval.max_new_tokens, answer_loss=True, progress=ctx.progress
-        )
-    return {"metric": result.metric, "score": result.value, "answer_loss": result.answer_loss}
-
-
-def _main() -> bool:
-    """Whether this process writes the run's files (the first one; every process computes)."""
-    return jax.process_index() == 0
-
-
-def _append(path: Path, record: dict) -> None:
-    if _main():
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _comparable(cfg: RunConfig) -> dict:
-    """The parts of a config that must not change when a run resumes."""
-    data = cfg.to_dict()
-    return {k: data[k] for k in ("seed", "model", "task", "lora", "init", "optim", "train")}
-
-
-# ----------------------------------------------------------------------------- placement on a mesh
-
-
-def _shardings(tree):
-    return jax.tree.map(lambda x: x.sharding, tree)
-
-
-def _batch_sharding(mesh, shape) -> NamedSharding:
-    """Stacked micro-batches ``(accum, rows, length)``: rows over the data axes when they divide, else replicated."""
-    data = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    return batch_sharding(mesh, ndim=len(shape), batch_axis=1) if shape[1] % data == 0 else NamedSharding(mesh, P())
-
-
-def _put(x, sharding):
-    return jax.device_put(x, sharding) if isinstance(x, jax.Array) else place(x, sharding)
-
-
-def place_trainable(ctx: Context, trainable, layout):
-    """Stacked adapters sharded like their kernels (A's d_in, B's d_out; rank and stack axes replicated)."""
-    if ctx.mesh is None:
-        return trainable
-    specs = stacked_adapter_specs(layout, adapter_specs(ctx.params, ctx.cfg.lora, ctx.rules, ctx.mesh))
-    return {g: {k: _put(v, NamedSharding(ctx.mesh, specs[g][k])) for k, v in ad.items()} for g, ad in trainable.items()}
-
-
-def init_optimizer(ctx: Context, opt, trainable):
-    """The optimizer state, every moment sharded like its parameter (counts replicated)."""
-    if ctx.mesh is None:
-        return opt.init(trainable)
-    return jax.jit(opt.init, out_shardings=like_params(jax.eval_shape(opt.init, trainable), trainable))(trainable)
-
-
-def to_host(tree):
-    """Numpy copies of (possibly sharded, possibly multi-host) arrays, the same on every process."""
-    return jax.tree.map(to_numpy, tree)
-
-
-def compiled_step(ctx: Context, init: str, precondition: bool, opt, steps: int, layout, trainable, opt_state):
-    """The jitted train step (frozen weights are arguments, the state buffers are donated), built once per
-    context for a given recipe and adapter layout and reused by every run that shares them (other seeds,
-    other peak learning rates, other methods with the same optimizer)."""
-    cfg = ctx.cfg
-    leaves, treedef = jax.tree.flatten(trainable)
-    key = (
-        init == "full",
-        precondition,
-        steps,
-        dataclasses.replace(cfg.optim, learning_rate=1.0),
-        cfg.lora,
-        layout,
-        treedef,
-        tuple((x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves),
-    )
-    if key in ctx.steps:
-        return ctx.steps[key]
-    if init == "full":
-        full_loss = lj.full_loss_fn(ctx.model)
-        loss_of = lambda base, trainable, batch, rng: full_loss(trainable, batch)
-    else:
-        lora_loss = lj.lora_loss_fn(ctx.model, cfg.lora)
-        use_rng = cfg.lora.dropout > 0
-
-        def loss_of(base, trainable, batch, rng):
-            return lora_loss(base, lj.unstack_adapters(trainable, layout), batch, lora_rng=rng if use_rng else None)
-
-    def train_step(base, trainable, opt_state, batches, rng, peak_lr):
-        def micro(acc, batch_and_index):
-            batch, i = batch_and_index
-            loss, g = jax.value_and_grad(loss_of, argnums=1)(base, trainable, batch, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, acc, g), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        accum = jax.tree.leaves(batches)[0].shape[0]
-        grads, losses = jax.lax.scan(micro, zeros, (batches, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        updates = jax.tree.map(lambda u: (u * peak_lr).astype(u.dtype), updates)
-        return optax.apply_updates(trainable, updates), opt_state, losses.mean(), optax.global_norm(grads)
-
-    if ctx.mesh is None:
-        step = jax.jit(train_step, donate_argnums=(1, 2))
-    else:  # the state keeps its shardings from step to step
-        replicated = NamedSharding(ctx.mesh, P())
-        out = (_shardings(trainable), _shardings(opt_state), replicated, replicated)
-        step = jax.jit(train_step, donate_argnums=(1, 2), out_shardings=out)
-    ctx.steps[key] = step
-    return step
-
-
-# ----------------------------------------------------------------------------- one method
-
-
-def fit(ctx: Context, method: str) -> dict:
-    """Initialise, train with periodic evaluation and checkpoints, export; returns the method's summary."""
-    cfg = ctx.cfg
-    init, precondition = METHODS[method]
-    folder = cfg.out_dir / method
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(folder / "checkpoints", keep=cfg.checkpoint.keep)
-    stream = BatchStream(
-        ctx.task.train,
-        ctx.tokenizer,
-        cfg.train.batch_size,
-        max_len=cfg.task.max_len,
-        seed=cfg.seed,
-        decoder_start_id=decoder_start(ctx.model),
-    )
-    steps = total_steps(cfg, len(ctx.task.train))
-    opt = optimizer(cfg, steps, precondition)
-    lr = schedule(cfg, steps)
-    resumed = ckpt.latest_step()
-
-    # --- init (or restore) ---
-    if init == "full":
-        base, layout = None, None
-        trainable = ctx.params
-    else:
-        if resumed is not None and init in RESIDUAL_INITS:
-            initial, _ = load_adapters(folder / "initial_adapters")
-            base = lj.unmerge(ctx.params, initial, cfg.lora)
-            adapters = initial
-        elif resumed is not None:
-            base, adapters = (
-                ctx.params,
-                lj.lora_init(lj.find_targets(ctx.params, cfg.lora), jnp.dtype(cfg.lora.dtype), key=jax.random.key(0)),
-            )  # shapes only
-        else:
-            base, adapters = initial_adapters(ctx, method)
-            if init in RESIDUAL_INITS:
-                initial = to_host(adapters)  # every process gathers (a collective), the first writes
-                if _main():
-                    save_adapters(folder / "initial_adapters", initial, cfg.lora)
-        trainable, layout = lj.stack_adapters(adapters)
-    trainable = place_trainable(ctx, trainable, layout)
-    opt_state = init_optimizer(ctx, opt, trainable)
-    start, log = 0, folder / "metrics.jsonl"
-    history: list[dict] = []
-    if resumed is not None:
-        with ctx.phases("checkpoint restore"):
-            state, record = ckpt.restore({"trainable": trainable, "opt_state": opt_state})
-        if record.get("config") != _comparable(cfg):
-            raise ConfigError(
-                f"{folder} holds a checkpoint of another configuration (method {record.get('method')!r}); "
-                "use another output_dir (or name) for this run, or delete that folder to start over"
-            )
-        trainable, opt_state, start = state["trainable"], state["opt_state"], int(record["step"])
-        stream.restore(record["stream"])
-        if log.exists():  # drop what the interrupted process logged after its last checkpoint
-            history = [r for r in map(json.loads, log.read_text().splitlines()) if r["step"] <= start]
-            if _main():
-                log.write_text("".join(json.dumps(r) + "\n" for r in history))
-    elif log.exists() and _main():
-        log.unlink()
-
-    step_fn = compiled_step(ctx, init, precondition, opt, steps, layout, trainable, opt_state)
-    peak_lr = jnp.float32(cfg.optim.learning_rate)
-    key = jax.random.key(cfg.seed)
-
-    def current_eval(step):
-        evaluation = evaluate(
-            ctx,
-            base if base is not None else trainable,
-            None if layout is None else lj.unstack_adapters(trainable, layout),
-        )
-        record = {"step": step, **{f"eval/{k}": v for k, v in evaluation.items()}}
-        history.append(record)
-        _append(log, record)
-        return evaluation
-
-    def save(step):
-        with ctx.phases("checkpoints"):
-            ckpt.save(
-                step,
-                {"trainable": trainable, "opt_state": opt_state},
-                {
-                    "step": step,
-                    "stream": stream.state(),
-                    "method": method,
-                    "seed": cfg.seed,
-                    "model": cfg.model.spec,
-                    "config": _comparable(cfg),
-                },
-            )
-
-    if start == 0:
-        current_eval(0)
-    shapes_seen: set = set()  # each new batch shape compiles the step once
-    if start < steps:
-        bar = progress_bar(total=steps, initial=start, desc=f"train {method}", unit="step", enabled=ctx.progress)
-        window_tokens, window_start, pending = 0, time.perf_counter(), []
-        other = {k: ctx.phases.seconds.get(k, 0.0) for k in ("evaluation", "checkpoints")}
-        loop_start = time.perf_counter()
-        for step in range(start + 1, steps + 1):
-            batches = lj.gradient.pad_micro_batches(stream.take(cfg.train.grad_accum))
-            stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
-            shape = stacked["input_ids"].shape
-            if ctx.mesh is not None:  # rows over the data axes; every process supplies its own devices' rows
-                rows = _batch_sharding(ctx.mesh, shape)
-                stacked = jax.tree.map(lambda x, rows=rows: place(x, rows), stacked)
-            trainable, opt_state, loss, gnorm = step_fn(
-                base, trainable, opt_state, stacked, jax.random.fold_in(key, step), peak_lr
-            )
-            shapes_seen.add(tuple(stacked[k].shape[-1] for k in ("input_ids", "labels") if k in stacked))
-            window_tokens += int(sum(b["attention_mask"].sum() for b in batches))
-            pending.append((step, loss, gnorm))
-            if step % cfg.train.log_every == 0 or step == steps:
-                jax.block_until_ready(pending[-1][1])
-                elapsed = time.perf_counter() - window_start
-                for s, step_loss, g in pending:
-                    record = {"step": s, "loss": float(step_loss), "grad_norm": float(g), "lr": float(lr(s - 1))}
-                    if not np.isfinite(record["loss"]):
-                        raise FloatingPointError(
-                            f"{method}: the training loss became {record['loss']} at step {s}; "
-                            "lower optim.learning_rate or check the data"
-                        )
-                    history.append(record)
-                    _append(log, record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{window_tokens / max(elapsed, 1e-9):.0f}",
-                )
-                bar.update(len(pending))
-                window_tokens, window_start, pending = 0, time.perf_counter(), []
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
-                bar.write(f"[{method}] step {step}: {current_eval(step)}")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
-                save(step)
-        bar.close()
-        spent = sum(ctx.phases.seconds.get(k, 0.0) - v for k, v in other.items())
-        ctx.phases.seconds["training"] = (
-            ctx.phases.seconds.get("training", 0.0) + time.perf_counter() - loop_start - spent
-        )
-        current_eval(steps)
-        save(steps)
-    ckpt.close()
-
-    # --- export ---
-    with ctx.phases("export"):
-        exported = export(ctx, folder, method, base, trainable, layout)  # every process gathers, the first writes
-    evals = [r for r in history if "eval/answer_loss" in r]
-    train_losses = [r["loss"] for r in history if "loss" in r]
-    summary = {
-        "method": method,
-        "steps": steps,
-        "resumed_from": resumed,
-        "metric": evals[-1]["eval/metric"] if evals else None,
-        "score_before": evals[0]["eval/score"] if evals else None,
-        "score_after": evals[-1]["eval/score"] if evals else None,
-        "answer_loss_before": evals[0]["eval/answer_loss"] if evals else None,
-        "answer_loss_after": evals[-1]["eval/answer_loss"] if evals else None,
-        "train_loss_first": train_losses[0] if train_losses else None,
-        "train_loss_last": train_losses[-1] if train_losses else None,
-        "compiled_step_shapes": sorted(list(shape) for shape in shapes_seen),  # (length,) or (encoder, decoder)
-        "trainable_parameters": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
-        "exports": exported,
-    }
-    if _main():
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {**summary, "history": history, "final_state": (trainable, opt_state)}
-
-
-def export(ctx: Context, folder: Path, method: str, base, trainable, layout) -> dict:
-    """The method's exports: our adapter files, a PEFT folder, a merged HF model folder (as configured)."""
-    cfg, out = ctx.cfg, {}
-    if layout is None:  # full fine-tuning: only a merged model makes sense
-        params = to_host(trainable)
-        if not _main():
-            return out
-        if cfg.export.merged or cfg.export.adapters or cfg.export.peft:
-            out["merged"] = str(save_pretrained(folder / "merged", ctx.model, params, ctx.tokenizer))
-        return out
-    adapters = jax.tree.map(np.asarray, to_host(lj.unstack_adapters(trainable, layout)))
-    host_base = to_host(base) if cfg.export.merged else None
-    if not _main():
-        return out
-    init, _ = METHODS[method]
-    if cfg.export.adapters:
-        meta = {"model": cfg.model.spec, "method": method, "residual_base": str(init in RESIDUAL_INITS)}
-        out["adapters"] = str(save_adapters(folder / "adapters", adapters, cfg.lora, metadata=meta))
-    if cfg.export.peft:
-        peft_adapters, peft_config = adapters, cfg.lora
-        if init in RESIDUAL_INITS:  # PEFT adds adapters to the original base: fold the residual in
-            initial, _ = load_adapters(folder / "initial_adapters")
-            peft_adapters, peft_config = fold_residual(adapters, initial, cfg.lora)
-        out["peft"] = str(
-            save_peft(folder / "peft", peft_adapters, peft_config, base_model_name_or_path=cfg.model.spec)
-        )
-    if cfg.export.merged:
-        merged = lj.merge(host_base, adapters, cfg.lora)
-        out["merged"] = str(save_pretrained(folder / "merged", ctx.model, merged, ctx.tokenizer))
-    return out
-
-
-# ----------------------------------------------------------------------------- the run
+from lora_one_jax.eval import Evaluator
+from lora_one_jax.export import load_adapters, save_adapters
+from lora_one_jax.losses import decoder_start_id, mean_nll
+from lora_one_jax.models import load_model
+from lora_one_jax.progress import progress_bar
+from lora_one_jax.sharding import LLAMA_RULES, adapter_specs, like_params, make_mesh, place, stacked_adapter_specs
+from lora_one_train import errors
+from lora_one_train.checkpoint import Checkpointer
+from lora_one_train.config import ConfigError, RunConfig
+from lora_one_train.context import Phases, RunContext
+from lora_one_train.exports import export_adapters, export_full, initial_adapters_dir, is_main_process, to_host
+from lora_one_train.hooks import LossLog, checkpoint_hook, evaluation_hook, log_record
+from lora_one_train.lock import RunLock
+from lora_one_train.loggers import make_loggers
+from lora_one_train.loop import NonFiniteLossError, TrainState, fit
+from lora_one_train.report import plot_curves, summary_table
+from lora_one_train.step import StepSpec, compiled_step, optimizer, schedule, stack_micro_batches, total_steps
 
 #: ``mesh.rules`` names -> partition rules (path regex -> PartitionSpec); add your family's here.
 PARTITION_RULES = {"llama": LLAMA_RULES, "replicated": ((r".*", P()),)}
+
+#: The parts of a config that must not change when a run resumes (``methods`` may: each has its own folder).
+RESUMABLE_SECTIONS = ("seed", "model", "task", "lora", "init", "optim", "train")
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> dict:
+    """Train every method of ``cfg`` (see module doc); returns ``{"methods": {...}, "phases": {...}}``."""
+    with RunLock(cfg.out_dir):
+        prepare_output(cfg)
+        ctx = load(cfg, progress=progress)
+        grads = estimate_gradient(ctx)
+        results = {method: train_method(ctx, method, grads) for method in cfg.methods}
+        write_summary(ctx, results)
+    return {"methods": results, "phases": ctx.phases.seconds}
+
+
+# ----------------------------------------------------------------------------- before anything is written
+
+
+def comparable(cfg: RunConfig) -> dict:
+    """The resumable part of a config (``RESUMABLE_SECTIONS``) as plain data."""
+    data = cfg.to_dict()
+    return {k: data[k] for k in RESUMABLE_SECTIONS}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two nested dicts.
+
+    Example:
+        >>> config_differences({"optim": {"learning_rate": 0.1, "b1": 0.9}}, {"optim": {"learning_rate": 0.2}})
+        ['optim.b1: 0.9 -> None', 'optim.learning_rate: 0.1 -> 0.2']
+    """
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def method_folders(cfg: RunConfig) -> dict:
+    return {method: cfg.out_dir / method for method in cfg.methods}
+
+
+def checkpointed(cfg: RunConfig) -> list[str]:
+    """The methods of ``cfg`` that already have a checkpoint under ``output_dir``."""
+    return [m for m, folder in method_folders(cfg).items() if any((folder / "checkpoints").glob("[0-9]*"))]
+
+
+def prepare_output(cfg: RunConfig) -> None:
+    """Start over (``cfg.restart``) or check that the checkpoints already there belong to this configuration,
+    then write ``config.yaml``. Nothing is written before the check."""
+    saved = cfg.out_dir / "config.yaml"
+    if cfg.restart:
+        for folder in method_folders(cfg).values():
+            shutil.rmtree(folder, ignore_errors=True)
+    elif checkpointed(cfg) and saved.is_file():
+        differences = config_differences(
+            comparable(RunConfig.from_dict(yaml.safe_load(saved.read_text()))), comparable(cfg)
+        )
+        if differences:
+            raise ConfigError(
+                f"{cfg.out_dir} holds checkpoints of another configuration ({'; '.join(differences)}); rerun with "
+                "--restart to start over there, or choose another output_dir (or name)"
+            )
+    if is_main_process():
+        saved.write_text(yaml.safe_dump({**cfg.to_dict(), "restart": False}, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- model, task, gradient
 
 
 def build_mesh(cfg: RunConfig):
@@ -536,8 +134,7 @@ def build_mesh(cfg: RunConfig):
     m = cfg.mesh
     if m.rules not in PARTITION_RULES:
         raise ConfigError(f"mesh.rules {m.rules!r} is unknown; choose from {sorted(PARTITION_RULES)}")
-    sizes = (m.data, m.fsdp, m.tensor)
-    if sizes == (1, 1, 1):
+    if (m.data, m.fsdp, m.tensor) == (1, 1, 1):
         return None, ()
     try:
         mesh = make_mesh(m.data, m.fsdp, m.tensor)
@@ -552,50 +149,374 @@ def build_mesh(cfg: RunConfig):
     return (mesh if mesh.size > 1 else None), PARTITION_RULES[m.rules]
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Train every method of ``cfg`` (see module doc); returns ``{"methods": {...}, "phases": {...}}``."""
-    out_dir = cfg.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if _main():
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def load_run_task(cfg: RunConfig):
+    """The task of ``cfg.task``, its training split cut to ``task.train_size``; data problems are ``DataError``s."""
+    try:
+        task = load_task(
+            cfg.task.spec,
+            seed=cfg.seed,
+            split_seed=cfg.task.split_seed,
+            eval_size=cfg.task.eval_size,
+            **cfg.task.options,
+        )
+    except (FileNotFoundError, OSError, DataError) as e:
+        raise errors.DataError(f"task {cfg.task.spec!r} could not be loaded: {e}") from e
+    if task.train is None:
+        raise ConfigError(f"task {cfg.task.spec!r} has no training split; it can only be evaluated")
+    if cfg.task.train_size is not None and cfg.task.train_size < len(task.train):
+        task = dataclasses.replace(task, train=task.train.select(range(cfg.task.train_size)))
+    return task
+
+
+def load(cfg: RunConfig, *, progress: bool) -> RunContext:
+    """The run's shared context: the model (placed on the mesh), its targets, the task and its evaluator."""
     phases = Phases()
-    print(f"lora-one-train: {cfg.name} -> {out_dir} ({', '.join(cfg.methods)}) on {jax.devices()}")
+    print(f"lora-one-train: {cfg.name} -> {cfg.out_dir} ({', '.join(cfg.methods)}) on {jax.devices()}")
     mesh, rules = build_mesh(cfg)
     with phases("load model"):
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
         model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
     with phases("load task"):
-        try:
-            task = load_task(
-                cfg.task.spec,
-                seed=cfg.seed,
-                split_seed=cfg.task.split_seed,
-                eval_size=cfg.task.eval_size,
-                **cfg.task.options,
-            )
-        except (FileNotFoundError, OSError) as e:
-            raise ConfigError(f"task {cfg.task.spec!r} could not be loaded: {e}") from e
-        if task.train is None:
-            raise ConfigError(f"task {cfg.task.spec!r} has no training split; it can only be evaluated")
-        if cfg.task.train_size is not None and cfg.task.train_size < len(task.train):
-            task = dataclasses.replace(task, train=task.train.select(range(cfg.task.train_size)))
+        task = load_run_task(cfg)
+    print(f"data: {task_counts(task, cfg)}")
     evaluator = Evaluator(model, tokenizer, cfg.lora, batch_size=cfg.eval.batch_size, max_len=cfg.task.max_len)
-    ctx = Context(cfg, model, params, tokenizer, task, evaluator, phases, progress, mesh, rules)
-    results = {}
-    for method in cfg.methods:
-        print(f"--- {method} ---")
-        results[method] = fit(ctx, method)
-    table = summary_table(results, phases.seconds, cfg)
-    print("\n" + table)
-    if _main():
-        (out_dir / "summary.md").write_text(table + "\n")
-        plain = {m: {k: v for k, v in r.items() if k not in ("history", "final_state")} for m, r in results.items()}
-        summary = {"methods": plain, "phases": phases.seconds, "config": cfg.to_dict()}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot = plot_curves(
-            {m: r["history"] for m, r in results.items()},
-            out_dir / "curves.png",
-            title=f"{cfg.model.spec} on {cfg.task.spec}",
+    targets = lj.find_targets(params, cfg.lora)
+    return RunContext(
+        cfg=cfg,
+        model=model,
+        params=params,
+        tokenizer=tokenizer,
+        task=task,
+        targets=targets,
+        evaluator=evaluator,
+        mesh=mesh,
+        rules=rules,
+        progress=progress,
+        phases=phases,
+    )
+
+
+def task_counts(task, cfg: RunConfig) -> str:
+    """One line: rows read, duplicates dropped, train, held-out and scored examples."""
+    stats = dict(getattr(task, "stats", None) or {})
+    stats.update(train=len(task.train), held_out=len(task.eval) if task.eval is not None else 0)
+    scored = stats["held_out"] if cfg.eval.limit is None else min(cfg.eval.limit, stats["held_out"])
+    line = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items())
+    if cfg.eval.limit is not None and cfg.eval.limit > stats["held_out"]:
+        line += f" (eval.limit={cfg.eval.limit} is more than the held-out split: all {scored} are scored)"
+    return f"{line}, scored {scored}"
+
+
+def gradient_batches(ctx: RunContext) -> list[dict]:
+    """The gradient estimate's micro-batches: the first ``init.grad_examples`` training examples (in ``seed``
+    order; the held-out split never contains them), ``init.grad_batch_size`` per micro-batch."""
+    cfg, train = ctx.cfg.init, ctx.task.train
+    if len(train) < cfg.grad_examples:
+        raise ConfigError(f"init.grad_examples={cfg.grad_examples} but the training split has {len(train)} examples")
+    data = tokenize(train.select(range(cfg.grad_examples)), ctx.tokenizer, max_len=ctx.cfg.task.max_len)
+    rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
+    pad, start = pad_id_of(ctx.tokenizer), decoder_start_id(ctx.model)
+    chunks = [rows[i : i + cfg.grad_batch_size] for i in range(0, len(rows), cfg.grad_batch_size)]
+    if start is None:
+        return [pad_batch(chunk, pad_id=pad) for chunk in chunks]
+    return [pad_seq2seq_batch(chunk, pad_id=pad, decoder_start_id=start) for chunk in chunks]
+
+
+def estimate_gradient(ctx: RunContext) -> dict | None:
+    """The full fine-tuning gradient, once per run, if a method that starts from it has not started yet."""
+    pending = [m for m in ctx.cfg.methods if lj.METHODS[m].needs_gradient and m not in checkpointed(ctx.cfg)]
+    if not pending:
+        return None
+    with ctx.phases("gradient estimate"):
+        grads = lj.estimate_gradient(
+            lj.full_loss_fn(ctx.model),
+            ctx.params,
+            gradient_batches(ctx),
+            ctx.cfg.lora,
+            micro_batches_per_step=ctx.cfg.init.micro_batches_per_step,
+            progress=ctx.progress,
         )
-        print(f"plot: {plot}")
-    return {"methods": results, "phases": phases.seconds}
+        return jax.block_until_ready(grads)
+
+
+# ----------------------------------------------------------------------------- one method
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One method's fixed jobs: its folder, checkpointer, stream, step spec and frozen base."""
+
+    method: str
+    folder: object
+    checkpointer: Checkpointer
+    stream: BatchStream
+    spec: StepSpec
+    base: object  # the frozen base params (None for full fine-tuning: the params train)
+    shapes: set = dataclasses.field(default_factory=set)  # batch lengths served: each compiles the step once
+
+
+def train_method(ctx: RunContext, method: str, grads) -> dict:
+    """init (or restore) -> fit with hooks -> export -> the method's summary."""
+    print(f"--- {method} ---")
+    job, state, history = start(ctx, method, grads)
+    resumed = state.step if state.step else None
+    state = train(ctx, job, state, history)
+    with ctx.phases("export"):
+        exported = export(ctx, job, state)
+    return summarize(ctx, job, state, history, resumed, exported)
+
+
+def initial_adapters(ctx: RunContext, method: str, grads):
+    """``(frozen base, adapters)`` at step 0 for ``method``."""
+    init, cfg = lj.METHODS[method].init, ctx.cfg
+    options = {"svd": cfg.init.svd} if init != "lora" else {}
+    if lj.METHODS[method].needs_gradient:
+        options.update(grads=grads, gamma=cfg.init.gamma if init == "lora-one" else cfg.init.lora_ga_gamma)
+    with ctx.phases("init" if init == "lora" else "init (SVD)"):
+        base, adapters = lj.init_adapters(
+            ctx.params, cfg.lora, key=jax.random.key(cfg.seed), method=init, targets=ctx.targets, **options
+        )
+        return base, jax.block_until_ready(adapters)
+
+
+def restored_adapters(ctx: RunContext, folder, method: str):
+    """``(frozen base, adapters of the right shapes)`` of a method that resumes from a checkpoint."""
+    if lj.METHODS[method].residual_base:
+        initial, _ = load_adapters(initial_adapters_dir(folder))
+        return lj.unmerge(ctx.params, initial, ctx.cfg.lora, targets=ctx.targets), initial
+    shapes = lj.lora_init(ctx.targets, jnp.dtype(ctx.cfg.lora.dtype), key=jax.random.key(0))
+    return ctx.params, shapes
+
+
+def place_trainable(ctx: RunContext, trainable, layout):
+    """Stacked adapters sharded like their kernels (A's d_in, B's d_out; rank and stack axes replicated)."""
+    if ctx.mesh is None:
+        return trainable
+    specs = stacked_adapter_specs(layout, adapter_specs(ctx.params, ctx.cfg.lora, ctx.rules, ctx.mesh))
+    put = lambda x, spec: jax.device_put(x, spec) if isinstance(x, jax.Array) else place(x, spec)
+    return {g: {k: put(v, NamedSharding(ctx.mesh, specs[g][k])) for k, v in ad.items()} for g, ad in trainable.items()}
+
+
+def init_optimizer(ctx: RunContext, spec: StepSpec, trainable):
+    """The optimizer state (holding the peak learning rate), every moment sharded like its parameter."""
+    state = optimizer(ctx.cfg.optim, spec.total_steps, spec.precondition).init(trainable)
+    if ctx.mesh is None:
+        return state
+    return jax.device_put(state, like_params(state, trainable))
+
+
+def start(ctx: RunContext, method: str, grads):
+    """The method's fixed jobs, its state at step 0 (or as checkpointed) and its history so far."""
+    cfg, folder = ctx.cfg, ctx.cfg.out_dir / method
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(folder / "checkpoints", keep=cfg.checkpoint.keep)
+    resuming = checkpointer.latest_step() is not None
+    stream = BatchStream(
+        ctx.task.train,
+        ctx.tokenizer,
+        cfg.train.batch_size,
+        max_len=cfg.task.max_len,
+        seed=cfg.seed,
+        decoder_start_id=decoder_start_id(ctx.model),
+    )
+    if lj.METHODS[method].init is None:
+        base, trainable, layout = None, ctx.params, None
+    else:
+        base, adapters = restored_adapters(ctx, folder, method) if resuming else initial_adapters(ctx, method, grads)
+        if not resuming and lj.METHODS[method].residual_base:
+            save_initial(cfg, folder, adapters)
+        trainable, layout = lj.stack_adapters(adapters)
+    spec = StepSpec(
+        lora=cfg.lora,
+        layout=layout,
+        precondition=lj.METHODS[method].preconditioned,
+        optim=cfg.optim,
+        total_steps=total_steps(cfg, len(ctx.task.train)),
+    )
+    trainable = place_trainable(ctx, trainable, layout)
+    state = TrainState(step=0, trainable=trainable, opt_state=init_optimizer(ctx, spec, trainable))
+    job = Job(method=method, folder=folder, checkpointer=checkpointer, stream=stream, spec=spec, base=base)
+    if not resuming:
+        return job, state, []
+    return job, *restore(ctx, job, state)
+
+
+def save_initial(cfg: RunConfig, folder, adapters) -> None:
+    initial = to_host(adapters)  # every process gathers (a collective), the first writes
+    if is_main_process():
+        save_adapters(initial_adapters_dir(folder), initial, cfg.lora)
+
+
+def check_record(ctx: RunContext, folder, record: dict) -> None:
+    """Refuse a checkpoint of another configuration or of other data, naming what differs."""
+    differences = config_differences(record.get("config") or {}, comparable(ctx.cfg))
+    if differences:
+        raise ConfigError(
+            f"{folder} holds a checkpoint of another configuration ({'; '.join(differences)}); rerun with "
+            "--restart to start over there, or choose another output_dir (or name)"
+        )
+    data = data_fingerprint(ctx.cfg)
+    if record.get("data") != data:
+        raise errors.DataError(
+            f"the data of task {ctx.cfg.task.spec!r} changed since {folder} was checkpointed (fingerprint "
+            f"{record.get('data')} then, {data} now); resuming would train on other data with another held-out "
+            "split. Restore the data, or rerun with --restart to start over"
+        )
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    return fingerprint(cfg.task.spec, **cfg.task.options)
+
+
+def restore(ctx: RunContext, job: Job, state: TrainState):
+    """The newest readable checkpoint: the state, the stream position and the history up to it."""
+    with ctx.phases("checkpoint restore"):
+        like = {"trainable": state.trainable, "opt_state": state.opt_state}
+        restored, record = job.checkpointer.restore(
+            like, accept=lambda record: check_record(ctx, job.folder, record), warn=lambda s: print(s, file=sys.stderr)
+        )
+    job.stream.restore(record["stream"])
+    step = int(record["step"])
+    return TrainState(step=step, trainable=restored["trainable"], opt_state=restored["opt_state"]), record["history"]
+
+
+def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict]) -> TrainState:
+    """``fit`` with the method's loggers, evaluation and checkpoint hooks (evaluating step 0 first)."""
+    cfg = ctx.cfg
+    steps = job.spec.total_steps
+    if is_main_process():  # the log holds exactly the history (a killed process may have logged past its checkpoint)
+        (job.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    run_name = cfg.logging.name_for(cfg.name, job.method)
+    loggers = make_loggers(cfg.logging, job.folder, run_name=run_name, config=cfg.to_dict())
+    if state.step == 0:
+        log_record(loggers, history, {"step": 0, **{f"eval/{k}": v for k, v in evaluate(ctx, job, state).items()}})
+    bar = progress_bar(total=steps, initial=state.step, desc=f"train {job.method}", unit="step", enabled=ctx.progress)
+    say = lambda line: bar.write(f"[{job.method}] {line}")
+    record = lambda info: checkpoint_record(ctx, job, info.step, history)
+    hooks = [
+        evaluation_hook(lambda info: evaluate(ctx, job, info.state), loggers, history, every=cfg.eval.every, say=say),
+        checkpoint_hook(job.checkpointer, record, every=cfg.checkpoint.every),
+    ]
+    step_fn = compiled_step(ctx, job.spec, state.trainable, state.opt_state)
+    rng = jax.random.key(cfg.seed)
+
+    def train_step(state: TrainState, batches):
+        stacked = stack_micro_batches(batches, ctx.mesh)
+        job.shapes.add(tuple(stacked[k].shape[-1] for k in ("input_ids", "labels") if k in stacked))
+        trainable, opt_state, loss, grad_norm = step_fn(
+            job.base, state.trainable, state.opt_state, stacked, jax.random.fold_in(rng, state.step + 1)
+        )
+        return TrainState(state.step + 1, trainable, opt_state), loss, grad_norm
+
+    lr = schedule(cfg.optim, steps)
+    try:
+        with ctx.phases("training"):
+            state = fit(
+                state,
+                job.stream,
+                hooks,
+                train_step=train_step,
+                total_steps=steps,
+                accum=cfg.train.grad_accum,
+                log_every=cfg.train.log_every,
+                on_losses=LossLog(loggers, history, lr=lambda s: lr(s - 1), bar=bar),
+            )
+    except NonFiniteLossError as e:
+        saved = job.checkpointer.latest_step()
+        raise errors.DivergedError(
+            f"{job.method}: {e}. Lower optim.learning_rate (or check the data) and rerun with --restart"
+            + (f" (checkpoint {saved} holds finite state)" if saved else "")
+        ) from None
+    finally:
+        bar.close()
+        for logger in loggers:
+            logger.close()
+        job.checkpointer.close()
+    return state
+
+
+def evaluate(ctx: RunContext, job: Job, state: TrainState) -> dict:
+    """The task metric and the held-out answer loss (mean NLL per answer token) on ``eval.limit`` examples."""
+    cfg, split = ctx.cfg, ctx.task.eval
+    if cfg.eval.limit is not None:
+        split = split.select(range(min(cfg.eval.limit, len(split))))
+    base, adapters = adapters_of(job, state)
+    with ctx.phases("evaluation"):
+        if not cfg.eval.score:
+            nll, count = ctx.evaluator.answer_nll(
+                base, adapters, split["prompt"], split["answer"], progress=ctx.progress
+            )
+            return {"metric": "answer_loss", "score": None, "answer_loss": mean_nll(nll, count)}
+        result = ctx.evaluator.evaluate(
+            base, adapters, split, max_new_tokens=cfg.eval.max_new_tokens, answer_loss=True, progress=ctx.progress
+        )
+    return {"metric": result.metric, "score": result.value, "answer_loss": result.answer_loss}
+
+
+def adapters_of(job: Job, state: TrainState):
+    """``(params to run, adapters or None)`` of a state."""
+    if job.spec.layout is None:
+        return state.trainable, None
+    return job.base, lj.unstack_adapters(state.trainable, job.spec.layout)
+
+
+def checkpoint_record(ctx: RunContext, job: Job, step: int, history: list[dict]) -> dict:
+    return {
+        "step": step,
+        "stream": job.stream.state(),
+        "method": job.method,
+        "model": ctx.cfg.model.spec,
+        "config": comparable(ctx.cfg),
+        "data": data_fingerprint(ctx.cfg),
+        "history": history,
+    }
+
+
+# ----------------------------------------------------------------------------- export and summary
+
+
+def export(ctx: RunContext, job: Job, state: TrainState) -> dict:
+    if job.spec.layout is None:
+        return export_full(ctx, job.folder, state.trainable)
+    base, adapters = adapters_of(job, state)
+    return export_adapters(ctx, job.folder, job.method, base, adapters)
+
+
+def summarize(ctx: RunContext, job: Job, state: TrainState, history, resumed, exported) -> dict:
+    """The method's summary (also written to ``<method>/summary.json``)."""
+    evals = [r for r in history if "eval/answer_loss" in r]
+    train_losses = [r["loss"] for r in history if "loss" in r]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    summary = {
+        "method": job.method,
+        "steps": job.spec.total_steps,
+        "resumed_from": resumed,
+        "metric": last.get("eval/metric"),
+        "score_before": first.get("eval/score"),
+        "score_after": last.get("eval/score"),
+        "answer_loss_before": first.get("eval/answer_loss"),
+        "answer_loss_after": last.get("eval/answer_loss"),
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "compiled_step_shapes": sorted(list(s) for s in job.shapes),
+        "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(state.trainable))),
+        "exports": exported,
+    }
+    if is_main_process():
+        (job.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "history": history, "final_state": (state.trainable, state.opt_state)}
+
+
+def write_summary(ctx: RunContext, results: dict) -> None:
+    cfg = ctx.cfg
+    table = summary_table(results, ctx.phases.seconds, cfg)
+    print("\n" + table)
+    if not is_main_process():
+        return
+    (cfg.out_dir / "summary.md").write_text(table + "\n")
+    plain = {m: {k: v for k, v in r.items() if k not in ("history", "final_state")} for m, r in results.items()}
+    summary = {"methods": plain, "phases": ctx.phases.seconds, "config": cfg.to_dict()}
+    (cfg.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    histories = {m: r["history"] for m, r in results.items()}
+    plot = plot_curves(histories, cfg.out_dir / "curves.png", title=f"{cfg.model.spec} on {cfg.task.spec}")
+    print(f"plot: {plot}")

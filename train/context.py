@@ -1,0 +1,57 @@
+"""What every method of a run shares: the loaded model, the task, the resolved targets, the mesh, and the
+run's caches (compiled train steps), each named, none hidden.
+
+Example:
+    >>> phases = Phases()
+    >>> with phases("load model"):
+    ...     pass
+    >>> list(phases.seconds)
+    ['load model']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any
+
+from lora_one_jax import Target
+
+
+class Phases:
+    """Wall time per named phase, accumulated (``with phases("training"): ...``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunContext:
+    """The inputs every method of a run shares (frozen), and its caches (explicit fields, mutable contents).
+
+    ``targets`` is ``find_targets(params, cfg.lora)``, resolved once for the whole run. ``steps`` maps a
+    ``StepSpec`` (and the state's shapes) to its compiled train step, so runs that differ only in seed or
+    learning rate reuse one program. ``phases`` accumulates the wall time of each stage.
+    """
+
+    cfg: Any  # RunConfig
+    model: Any
+    params: Any
+    tokenizer: Any
+    task: Any  # lora_one_jax.data.Task
+    targets: dict[str, Target]
+    evaluator: Any  # lora_one_jax.eval.Evaluator
+    mesh: Any = None  # a jax Mesh when the run is sharded, else None
+    rules: tuple = ()
+    progress: bool = True
+    phases: Phases = dataclasses.field(default_factory=Phases)
+    steps: dict = dataclasses.field(default_factory=dict)
