@@ -267,10 +267,7 @@ def target_view(params):
     from flax import traverse_util
 
     flat = {}
-    for keys, var in params.flat_state():  # unannotated N-D kernels: seen as they are (find_targets says why not)
-        if str(keys[-1]) in ("kernel", "w") and LAYOUT_KEY not in var.get_metadata() and np.ndim(var.get_value()) > 2:
-            flat[_path(keys[:-1]) + "/kernel"] = jax.ShapeDtypeStruct(np.shape(var.get_value()), jnp.float32)
-    for path, k in kernels(params).items():
+    for path, k in kernels(params, strict=True).items():  # unannotated N-D kernels: an error naming nnx_split
         flat[f"{path}/kernel" if path else "kernel"] = jax.ShapeDtypeStruct(
             matrix_shape(k.shape, k.in_axes), jnp.float32
         )

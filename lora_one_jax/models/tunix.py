@@ -341,3 +341,55 @@ def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
         )
     model, params = tunix_from_linen(linen.config, linen_params, dtype=dtype)
     return model, params, tok
+
+
+# tunix param (regex over its path) -> Hugging Face weight name, for the weights that are not adapter kernels
+_OTHER_WEIGHTS = (
+    (r"embedder/input_embedding", r"model/embed_tokens/weight"),
+    (r"final_norm/w", r"model/norm/weight"),
+    (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/w", r"model/layers/\1/\2/weight"),
+    (r"layers/(\d+)/attn/(q_norm|k_norm)/w", r"model/layers/\1/self_attn/\2/weight"),
+)
+
+
+def hf_state_dict(params) -> dict[str, np.ndarray]:
+    """A tunix Llama 3 / Qwen 3 ``params`` state (e.g. merged with adapters) as a PyTorch ``state_dict`` of numpy
+    arrays named as transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` expect: every kernel is its
+    ``(d_in, d_out)`` matrix transposed (``nnx.to_matrix``), norms and the embedding as they are.
+
+    Example:
+        >>> model, params = toy_tunix("llama3")
+        >>> sd = hf_state_dict(params)
+        >>> sd["model.layers.0.self_attn.o_proj.weight"].shape, sd["model.embed_tokens.weight"].shape
+        ((32, 32), (64, 32))
+    """
+    from lora_one_jax.nnx import kernels, to_matrix
+
+    ks = kernels(params)
+    by_keys = {k.keys: (path, k) for path, k in ks.items()}
+    out = {}
+    for keys, var in params.flat_state():
+        keys, value = tuple(keys), var.get_value()
+        if keys in by_keys:
+            path, k = by_keys[keys]
+            out[hf_name(path).replace("/", ".") + ".weight"] = np.asarray(to_matrix(value, k.in_axes), np.float32).T
+            continue
+        path = "/".join(map(str, keys))
+        name = next((re.sub(p, t, path) for p, t in _OTHER_WEIGHTS if re.fullmatch(p, path)), None)
+        if name is None:
+            raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3 / Qwen 3 only)")
+        out[name.replace("/", ".")] = np.asarray(value, np.float32)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def hf_modules(path: str) -> tuple[str, ...]:
+    """The Hugging Face modules a tunix module stands for: one, or several for Gemma's fused einsums.
+
+    Example:
+        >>> hf_modules("layers/1/attn/kv_einsum")
+        ('model/layers/1/self_attn/k_proj', 'model/layers/1/self_attn/v_proj')
+    """
+    m = re.fullmatch(r"layers/(\d+)/attn/(kv|qkv)_einsum", path)
+    if m is None:
+        return (hf_name(path),)
+    return tuple(f"model/layers/{m.group(1)}/self_attn/{c}_proj" for c in m.group(2))
