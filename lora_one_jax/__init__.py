@@ -9,10 +9,8 @@ Example:
     8
 """
 
-from lora_one_jax._hf import apply_hf_fixes as _apply_hf_fixes
 from lora_one_jax.adapters import (
     check_adapters,
-    init_adapters,
     lora_init,
     merge,
     stack_adapters,
@@ -24,19 +22,21 @@ from lora_one_jax.diagnostics import alignment, subspace_angles
 from lora_one_jax.gradient import estimate_gradient
 from lora_one_jax.losses import (
     causal_lm_loss,
+    decoder_start_id,
     full_loss_fn,
+    is_encoder_decoder,
     lora_loss_fn,
+    mean_nll,
     seq2seq_loss,
     sequence_logprob,
     token_logprobs,
 )
+from lora_one_jax.methods import INITS, METHODS, Init, Method, init_adapters
 from lora_one_jax.nnx import nnx_split
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
 from lora_one_jax.transform import lora_delta, with_lora
-
-_apply_hf_fixes()  # only if the user already imported transformers; the core never imports it
 
 __all__ = [
     # configuration and adapters
@@ -56,6 +56,11 @@ __all__ = [
     "unmerge",
     "unstack_adapters",
     "with_lora",
+    # methods: the registry every trainer, export and benchmark reads
+    "INITS",
+    "METHODS",
+    "Init",
+    "Method",
     # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",
     "lora_ga_init",
@@ -72,8 +77,11 @@ __all__ = [
     "top_svd",
     # losses
     "causal_lm_loss",
+    "decoder_start_id",
     "full_loss_fn",
+    "is_encoder_decoder",
     "lora_loss_fn",
+    "mean_nll",
     "seq2seq_loss",
     "sequence_logprob",
     "token_logprobs",

@@ -1,5 +1,6 @@
-"""The core's only contact with Hugging Face: recognise an HF Flax model, and apply our fixes to
-transformers when (and only when) the user has imported it. The core never imports transformers.
+"""The core's only contact with Hugging Face: recognise an HF Flax model. The core never imports
+transformers and never patches it (the fixes are ``lora_one_jax.models.patch_transformers``, which the
+loaders apply and users call when they build an HF Flax model themselves).
 
 Example:
     >>> import flax.linen as nn
@@ -8,8 +9,6 @@ Example:
 """
 
 from __future__ import annotations
-
-import sys
 
 import flax.linen as nn
 
@@ -22,15 +21,3 @@ def is_hf_model(obj) -> bool:
         False
     """
     return not isinstance(obj, nn.Module) and isinstance(getattr(obj, "module", None), nn.Module)
-
-
-def apply_hf_fixes() -> None:
-    """Patch transformers' Flax models (``lora_one_jax.models.compat``) if transformers is imported.
-
-    Example:
-        >>> apply_hf_fixes()  # a no-op without transformers; idempotent with it
-    """
-    if "transformers" in sys.modules:
-        from lora_one_jax.models.compat import patch_transformers
-
-        patch_transformers()

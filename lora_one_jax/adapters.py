@@ -7,7 +7,7 @@ Example:
     >>> import jax, numpy as np
     >>> params = {"fc": {"kernel": np.ones((4, 3), np.float32)}}
     >>> cfg = LoraConfig(rank=2, alpha=2.0, targets=["fc"])
-    >>> params, adapters = init_adapters(params, cfg, key=jax.random.key(0))
+    >>> adapters = lora_init(find_targets(params, cfg), np.float32, key=jax.random.key(0))
     >>> adapters["fc"]["a"].shape, adapters["fc"]["b"].shape
     ((4, 2), (2, 3))
     >>> bool((merge(params, adapters, cfg)["fc"]["kernel"] == params["fc"]["kernel"]).all())  # B = 0
@@ -25,8 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
-from lora_one_jax.nnx import is_nnx_state, logical_kernels, shift_kernels
-from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
+from lora_one_jax.nnx import is_nnx_state, shift_kernels
 
 
 def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
@@ -47,94 +46,6 @@ def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
             "b": jnp.zeros((t.rank, t.d_out), dtype),
         }
     return out
-
-
-# method -> the extra keyword arguments it accepts (defaults live in the init functions themselves)
-_METHODS = {
-    "lora": (),
-    "lora-one": ("grads", "gamma", "svd", "tol", "mesh"),
-    "pissa": ("svd",),
-    "lora-ga": ("grads", "gamma", "svd"),
-}
-
-
-def _checked_grads(grads, targets: dict[str, Target]):
-    if not isinstance(grads, Mapping):
-        raise TypeError(
-            f"grads must be a dict {{module_path: G (d_in, d_out)}} from estimate_gradient, got {type(grads).__name__}"
-        )
-    missing, extra = sorted(set(targets) - set(grads)), sorted(set(grads) - set(targets))
-    if missing or extra:
-        raise ValueError(
-            f"grads do not cover the targeted modules (missing {missing[:10]}, unexpected {extra[:10]}); "
-            "estimate them with estimate_gradient(loss_fn, params, batches, config) using this same config"
-        )
-    for path, t in targets.items():
-        if tuple(grads[path].shape) != (t.d_in, t.d_out):
-            raise ValueError(
-                f"grads[{path!r}] has shape {tuple(grads[path].shape)}, expected (d_in, d_out) = {(t.d_in, t.d_out)} "
-                "(Flax orientation, as estimate_gradient returns it)"
-            )
-    return {p: grads[p] for p in targets}
-
-
-def _logical_kernels(params, targets: dict[str, Target]):
-    if is_nnx_state(params):
-        return logical_kernels(params, targets)
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {p: (flat[kernel_key(p)].T if t.transposed else flat[kernel_key(p)]) for p, t in targets.items()}
-
-
-def init_adapters(params, config: LoraConfig, *, key: jax.Array, method: str = "lora", **method_kwargs):
-    """Create adapters for every module ``config`` targets; returns ``(base_params, adapters)``.
-
-    Methods (one entry point, so benchmarks compare inits on the same code path):
-
-    * ``"lora"``: PEFT's default (``lora_init``): A Kaiming-uniform, B = 0. Base unchanged.
-    * ``"lora-one"``: ``spectral_init(grads, config, gamma=128.0, svd="auto")``; needs ``grads`` from
-      ``estimate_gradient``. Base unchanged.
-    * ``"pissa"``: ``pissa_init`` (top-r SVD of each kernel, ``svd="auto"``). The base becomes the
-      residual ``W - scale * A @ B``.
-    * ``"lora-ga"``: ``lora_ga_init(grads, config, gamma=16.0, svd="auto")``. The base has
-      ``scale * A @ B`` subtracted, so the merged model equals the original at step 0.
-
-    ``base_params`` is ``params`` itself for methods that leave the base alone and the new frozen base
-    otherwise. ``key`` seeds the random init (``"lora"``) or the randomized SVD sketch.
-
-    Example:
-        >>> params = {"fc": {"kernel": np.ones((4, 3), np.float32)}}
-        >>> base, ad = init_adapters(params, LoraConfig(rank=1), key=jax.random.key(0))
-        >>> base is params, sorted(ad)
-        (True, ['fc'])
-        >>> base, ad = init_adapters(params, LoraConfig(rank=1), key=jax.random.key(0), method="pissa")
-        >>> float(jnp.abs(base["fc"]["kernel"]).max()) < 1e-5  # a rank-1 kernel moves entirely into A @ B
-        True
-    """
-    if method not in _METHODS:
-        raise ValueError(f"unknown init method {method!r}; available: {sorted(_METHODS)}")
-    unknown = sorted(set(method_kwargs) - set(_METHODS[method]))
-    if unknown:
-        raise TypeError(f"method {method!r} does not take {unknown}; it accepts {list(_METHODS[method])}")
-    kwargs = dict(method_kwargs)
-    if "grads" in _METHODS[method] and "grads" not in kwargs:
-        raise TypeError(
-            f"method {method!r} needs grads=...: the full fine-tuning gradients from "
-            "estimate_gradient(loss_fn, params, batches, config)"
-        )
-    targets = find_targets(params, config)
-    dtype = jnp.dtype(config.dtype)
-    if method == "lora":
-        return params, lora_init(targets, dtype, key=key)
-    if method == "pissa":
-        return _with_residual(params, pissa_init(_logical_kernels(params, targets), config, key=key, **kwargs), config)
-    grads = _checked_grads(kwargs.pop("grads"), targets)
-    if method == "lora-one":
-        return params, spectral_init(grads, config, key=key, **kwargs)
-    return _with_residual(params, lora_ga_init(grads, config, key=key, **kwargs), config)  # "lora-ga"
-
-
-def _with_residual(params, adapters: Adapters, config: LoraConfig):
-    return unmerge(params, adapters, config), adapters
 
 
 def check_adapters(adapters: Adapters, targets: dict[str, Target]) -> Adapters:
@@ -188,8 +99,8 @@ def _delta(adapter, target: Target) -> jax.Array:
     return d.T if target.transposed else d
 
 
-def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float):
-    targets = find_targets(params, config)
+def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float, targets: dict[str, Target] | None):
+    targets = find_targets(params, config) if targets is None else targets
     check_adapters(adapters, targets)
     if is_nnx_state(params):
         return shift_kernels(params, adapters, targets, sign)
@@ -200,8 +111,9 @@ def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float):
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def merge(params, adapters: Adapters, config: LoraConfig):
-    """Params whose targeted kernels are ``W + scale * A @ B`` (computed in float32).
+def merge(params, adapters: Adapters, config: LoraConfig, *, targets: dict[str, Target] | None = None):
+    """Params whose targeted kernels are ``W + scale * A @ B`` (computed in float32). ``targets``:
+    ``find_targets(params, config)`` when the caller already has it.
 
     Example:
         >>> p = {"fc": {"kernel": np.zeros((2, 2), np.float32)}}
@@ -209,11 +121,13 @@ def merge(params, adapters: Adapters, config: LoraConfig):
         >>> merge(p, ad, LoraConfig(rank=1, alpha=1.0))["fc"]["kernel"].tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    return _shift_kernels(params, adapters, config, +1.0)
+    from lora_one_jax.export import check_adapter_values  # NaN/Inf or integer adapters: an error naming the module
+
+    return _shift_kernels(params, check_adapter_values(adapters, "merge"), config, +1.0, targets)
 
 
-def unmerge(params, adapters: Adapters, config: LoraConfig):
-    """Inverse of ``merge``: kernels ``W - scale * A @ B``.
+def unmerge(params, adapters: Adapters, config: LoraConfig, *, targets: dict[str, Target] | None = None):
+    """Inverse of ``merge``: kernels ``W - scale * A @ B`` (``targets`` as for ``merge``).
 
     Example:
         >>> p = {"fc": {"kernel": np.ones((2, 2), np.float32)}}
@@ -221,7 +135,9 @@ def unmerge(params, adapters: Adapters, config: LoraConfig):
         >>> unmerge(p, ad, LoraConfig(rank=1, alpha=1.0))["fc"]["kernel"].tolist()
         [[0.0, 0.0], [0.0, 0.0]]
     """
-    return _shift_kernels(params, adapters, config, -1.0)
+    from lora_one_jax.export import check_adapter_values  # NaN/Inf or integer adapters: an error naming the module
+
+    return _shift_kernels(params, check_adapter_values(adapters, "unmerge"), config, -1.0, targets)
 
 
 #: ``((group name, (module path, ...)), ...)``: how ``stack_adapters`` grouped the modules (static).

@@ -66,9 +66,20 @@ def _show(pattern: Pattern | None):
     return list(pattern) if isinstance(pattern, tuple) else pattern
 
 
+def key_matches(key: str, path: str) -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key selects ``path``: the regex ``key`` matches the
+    whole path or its end after a ``/`` (``"q_proj"``, ``"layers/0/.*"``), as in PEFT.
+
+    Example:
+        >>> key_matches("q_proj", "model/layers/0/self_attn/q_proj"), key_matches("proj", "model/q_proj")
+        (True, False)
+    """
+    return re.fullmatch(rf"(?:.*/)?(?:{key})", path) is not None
+
+
 def _pattern_value(table: tuple[tuple[str, Any], ...], path: str, default):
     for key, value in table:
-        if re.fullmatch(rf"(?:.*/)?(?:{key})", path):
+        if key_matches(key, path):
             return value
     return default
 
@@ -230,6 +241,24 @@ def kernel_key(path: str) -> str:
     return f"{path}/kernel" if path else "kernel"
 
 
+#: Flax leaf names that PyTorch / transformers call ``weight``.
+PYTORCH_WEIGHT_LEAVES = ("kernel", "embedding", "scale")
+
+
+def pytorch_name(path: str) -> str:
+    """The PyTorch (transformers, PEFT) name of a '/'-joined Flax path: dots for slashes, and a ``kernel``,
+    ``embedding`` or ``scale`` leaf renamed ``weight``. Module paths (adapter keys) keep their last name.
+
+    Example:
+        >>> pytorch_name("model/layers/0/self_attn/q_proj/kernel"), pytorch_name("model/norm/scale")
+        ('model.layers.0.self_attn.q_proj.weight', 'model.norm.weight')
+        >>> pytorch_name("model/layers/0/self_attn/q_proj")  # a module path, as PEFT names it
+        'model.layers.0.self_attn.q_proj'
+    """
+    *prefix, leaf = path.split("/")
+    return ".".join([*prefix, "weight" if leaf in PYTORCH_WEIGHT_LEAVES else leaf])
+
+
 def linear_kernels(params) -> dict[str, tuple[int, ...]]:
     """``{module_path: kernel shape}`` for every module in ``params`` that owns a ``kernel``.
 
@@ -271,24 +300,9 @@ def _is_output_head(path: str) -> bool:
     return any(path == head or path.endswith("/" + head) for head in OUTPUT_HEADS)
 
 
-def find_targets(params, config: LoraConfig) -> dict[str, Target]:
-    """The modules of ``params`` that ``config`` adapts, sorted by path, validated.
-
-    Raises ``ValueError`` naming the problem and what exists when a pattern matches nothing or a
-    rank does not fit a kernel.
-
-    Example:
-        >>> p = {"fc": {"kernel": np.zeros((6, 4))}, "lm_head": {"kernel": np.zeros((4, 9))}}
-        >>> list(find_targets(p, LoraConfig(rank=2)))
-        ['fc']
-    """
-    params = _nnx_view(params)
-    kernels = linear_kernels(params)
-    if not kernels:
-        raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")
-    two_d = {p: s for p, s in kernels.items() if len(s) == 2}
-    names = sorted({p.rsplit("/", 1)[-1] for p in two_d})
-    available = f"module names {names}, e.g. paths {sorted(two_d)[:4]}"
+def _chosen(kernels: dict[str, tuple[int, ...]], config: LoraConfig, available: str) -> list[str]:
+    """The module paths ``config.targets`` and ``config.exclude`` select (unsorted), or a clear error."""
+    two_d = [p for p, s in kernels.items() if len(s) == 2]
     if config.targets == "all-linear":
         chosen = [p for p in two_d if not _is_output_head(p)]
     else:
@@ -312,9 +326,14 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
         chosen = [p for p in chosen if not matches(config.exclude, p)]
         if not chosen:
             raise ValueError(f"exclude pattern {_show(config.exclude)!r} removed every target; available: {available}")
+    return chosen
+
+
+def _check_patterns(config: LoraConfig, chosen: list[str], kernels, available: str) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key and ``transposed_kernels`` must select something."""
     for pattern_kind, table in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key, _ in table:
-            if not any(re.fullmatch(rf"(?:.*/)?(?:{key})", p) for p in chosen):
+            if not any(key_matches(key, p) for p in chosen):
                 raise ValueError(
                     f"{pattern_kind} key {key!r} matched no targeted module; targeted: {sorted(chosen)[:8]}"
                 )
@@ -322,16 +341,40 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
         raise ValueError(
             f"transposed_kernels {_show(config.transposed_kernels)!r} matched no kernel; available: {available}"
         )
-    out = {}
-    for path in sorted(chosen):
-        transposed = matches(config.transposed_kernels, path) if config.transposed_kernels else False
-        rows, cols = kernels[path]
-        d_in, d_out = (cols, rows) if transposed else (rows, cols)
-        rank = config.rank_for(path)
-        if rank > min(d_in, d_out):
-            raise ValueError(
-                f"rank {rank} for {path!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its kernel "
-                f"(d_in={d_in}, d_out={d_out}); lower LoraConfig.rank or add a rank_pattern entry"
-            )
-        out[path] = Target(d_in, d_out, rank, config.scale_for(path, rank), transposed)
-    return out
+
+
+def _target(path: str, shape: tuple[int, ...], config: LoraConfig) -> Target:
+    transposed = matches(config.transposed_kernels, path) if config.transposed_kernels else False
+    rows, cols = shape
+    d_in, d_out = (cols, rows) if transposed else (rows, cols)
+    rank = config.rank_for(path)
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"rank {rank} for {path!r} exceeds min(d_in, d_out) = {min(d_in, d_out)} of its kernel "
+            f"(d_in={d_in}, d_out={d_out}); lower LoraConfig.rank or add a rank_pattern entry"
+        )
+    return Target(d_in, d_out, rank, config.scale_for(path, rank), transposed)
+
+
+def find_targets(params, config: LoraConfig) -> dict[str, Target]:
+    """The modules of ``params`` that ``config`` adapts, sorted by path, validated.
+
+    Raises ``ValueError`` naming the problem and what exists when a pattern matches nothing or a
+    rank does not fit a kernel. Functions that need the targets (``init_adapters``, ``merge``, ``with_lora``,
+    ``estimate_gradient``, ...) take them as ``targets=`` so that a caller resolves them once.
+
+    Example:
+        >>> p = {"fc": {"kernel": np.zeros((6, 4))}, "lm_head": {"kernel": np.zeros((4, 9))}}
+        >>> list(find_targets(p, LoraConfig(rank=2)))
+        ['fc']
+    """
+    params = _nnx_view(params)
+    kernels = linear_kernels(params)
+    if not kernels:
+        raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")
+    two_d = sorted(p for p, s in kernels.items() if len(s) == 2)
+    names = sorted({p.rsplit("/", 1)[-1] for p in two_d})
+    available = f"module names {names}, e.g. paths {two_d[:4]}"
+    chosen = _chosen(kernels, config, available)
+    _check_patterns(config, chosen, kernels, available)
+    return {path: _target(path, kernels[path], config) for path in sorted(chosen)}

@@ -27,17 +27,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from lora_one_jax.config import Adapters, LoraConfig, Pattern
+from lora_one_jax.config import Adapters, LoraConfig, Pattern, key_matches, pytorch_name
 
 ADAPTERS_FILE = "adapters.safetensors"
 CONFIG_FILE = "lora_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+#: ``peft.LoraConfig``'s defaults, used for keys an ``adapter_config.json`` leaves out (as PEFT does).
+PEFT_DEFAULT_RANK = 8
+PEFT_DEFAULT_ALPHA = 8.0
 
 
 def _host(x) -> np.ndarray:
@@ -55,12 +59,67 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
+class AdapterFileError(ValueError):
+    """An adapter file or its config is truncated, corrupt or not what its name says; the message names it."""
+
+
+def check_adapter_values(adapters: Adapters, action: str = "use") -> Adapters:
+    """``adapters`` itself if every A and B is a floating-point array of finite values; else a ``ValueError``.
+
+    The message names the module and says what is wrong (integer or bool dtype; how many NaN / Inf values).
+    ``save_adapters``, ``save_peft`` and ``merge`` call it (``action`` says which, in the message), so a
+    diverged run is never written or merged silently. Traced values (inside ``jax.jit``) are only checked
+    for their dtype.
+
+    Example:
+        >>> bad = {"fc": {"a": np.ones((2, 1)), "b": np.full((1, 2), np.nan)}}
+        >>> check_adapter_values(bad, "save")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: cannot save adapters: 'fc' B holds 2 NaN/Inf of its 2 values (a diverged run?); ...
+    """
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"adapters must be a dict {{module_path: {{'a': A, 'b': B}}}}, got {type(adapters).__name__}")
+    for path, adapter in adapters.items():
+        for name in ("a", "b"):
+            if not isinstance(adapter, Mapping) or name not in adapter:
+                raise ValueError(
+                    f"cannot {action} adapters: {path!r} has no {name!r} (each adapter is {{'a': A, 'b': B}})"
+                )
+            _check_array(adapter[name], f"{path!r} {name.upper()}", action)
+    return adapters
+
+
+def _check_array(x, where: str, action: str) -> None:
+    dtype = np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype)
+    if not np.issubdtype(dtype, np.floating) and dtype.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        raise ValueError(
+            f"cannot {action} adapters: {where} has dtype {dtype.name}, not floating point; adapters are float "
+            "(cast them, e.g. x.astype(np.float32), if the integer values are really meant)"
+        )
+    if _is_tracer(x):
+        return
+    values = np.asarray(x, np.float32)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ValueError(
+            f"cannot {action} adapters: {where} holds {bad} NaN/Inf of its {values.size} values (a diverged run?); "
+            "lower the learning rate and retrain, or save an earlier checkpoint"
+        )
+
+
+def _is_tracer(x) -> bool:
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def save_adapters(
     folder: str | os.PathLike, adapters: Adapters, config: LoraConfig, *, metadata: dict | None = None
 ) -> Path:
     """Write ``adapters`` and their ``config`` to ``folder`` (created); returns the folder.
 
     Files are written to temporary names and renamed, so a crash never leaves a half-written file.
+    Non-finite or integer adapters raise ``ValueError`` naming the module (``check_adapter_values``).
     ``metadata`` (strings) is stored in the safetensors header, e.g. the base model's spec.
 
     Example:
@@ -73,6 +132,7 @@ def save_adapters(
 
     if not isinstance(config, LoraConfig):
         raise TypeError(f"save_adapters needs the adapters' LoraConfig, got {type(config).__name__}")
+    check_adapter_values(adapters, "save")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{path}/{name}": _host(adapter[name]) for path, adapter in adapters.items() for name in ("a", "b")}
@@ -85,24 +145,69 @@ def save_adapters(
 def load_adapters(folder: str | os.PathLike) -> tuple[Adapters, LoraConfig]:
     """``(adapters, config)`` from a folder written by ``save_adapters`` (numpy arrays).
 
+    A truncated or corrupt file raises ``AdapterFileError`` (a ``ValueError``) naming it.
+
     Example:
         >>> adapters, config = load_adapters("runs/asdiv/adapters")  # doctest: +SKIP
     """
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     for name in (ADAPTERS_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             hint = " (a PEFT folder? use load_peft)" if (folder / PEFT_CONFIG).is_file() else ""
             raise FileNotFoundError(f"{folder} has no {name}; it was not written by save_adapters{hint}")
-    config = LoraConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    config = _read_config(folder / CONFIG_FILE, LoraConfig.from_dict)
     adapters: Adapters = {}
-    for key, value in load_file(str(folder / ADAPTERS_FILE)).items():
+    for key, value in _read_tensors(folder / ADAPTERS_FILE).items():
         path, _, name = key.rpartition("/")
         if name not in ("a", "b"):
-            raise ValueError(f"{folder / ADAPTERS_FILE} holds {key!r}, which is not '<module path>/a' or '/b'")
+            raise AdapterFileError(f"{folder / ADAPTERS_FILE} holds {key!r}, which is not '<module path>/a' or '/b'")
         adapters.setdefault(path, {})[name] = value
+    _check_pairs(adapters, folder / ADAPTERS_FILE)
     return adapters, config
+
+
+def _read_tensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file; one ``AdapterFileError`` naming the file if it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(
+            f"{file} is truncated or corrupt ({e}); it cannot be read as safetensors: export the adapters again "
+            "(or restore the file from a copy)"
+        ) from None
+
+
+def _read_config(file: Path, build):
+    """``build(the JSON object in file)``; one ``AdapterFileError`` naming the file if it cannot be read."""
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(
+            f"{file} is truncated or corrupt: not valid JSON ({e}); export the adapters again"
+        ) from None
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{file} holds a JSON {type(values).__name__}, not an object; export the adapters again")
+    try:
+        return build(values)
+    except (TypeError, ValueError, KeyError) as e:
+        raise AdapterFileError(f"{file} does not describe a LoRA adapter: {e}") from None
+
+
+def _check_pairs(adapters: Adapters, file: Path) -> None:
+    for path, adapter in adapters.items():
+        if set(adapter) != {"a", "b"}:
+            missing = "a" if "a" not in adapter else "b"
+            raise AdapterFileError(
+                f"{file} holds {path!r} without its {missing.upper()} factor; export the adapters again"
+            )
+        a, b = adapter["a"], adapter["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise AdapterFileError(
+                f"{file}: {path!r} has A {a.shape} and B {b.shape}, which are not (d_in, r) and (r, d_out)"
+            )
 
 
 # ----------------------------------------------------------------------------- PEFT
@@ -139,6 +244,9 @@ def save_peft(
     ``alpha_pattern`` and ``fan_in_fan_out`` (True for GPT-2-style transposed kernels);
     ``adapter_model.safetensors`` holds ``lora_A.weight`` (r, d_in) and ``lora_B.weight`` (d_out, r) in
     float32. Our module paths are the Hugging Face module names with ``/`` for ``.``.
+    ``base_model_name_or_path`` should be what PyTorch can load the base from: a hub id or a local folder
+    (``lora_one_jax.models.hub_id(spec)`` maps our model specs, e.g. ``"smollm2-135m"``, to their hub ids).
+    Non-finite or integer adapters raise ``ValueError`` naming the module (``check_adapter_values``).
 
     Example:
         >>> import tempfile, json
@@ -149,6 +257,9 @@ def save_peft(
     """
     from safetensors.numpy import save_file
 
+    check_adapter_values(adapters, "save")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a hub id or a path string, got {base_model_name_or_path!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -185,18 +296,18 @@ def load_peft(folder: str | os.PathLike, *, transposed_kernels: Pattern = ()) ->
 
     The ``LoraConfig`` targets exactly the modules the file holds (their paths as a regex), with PEFT's
     ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``rank_pattern`` and ``alpha_pattern``.
+    Keys the file leaves out take PEFT's defaults (``r`` 8, ``lora_alpha`` 8, as ``peft.LoraConfig``).
     PEFT features we do not have (DoRA, biases, modules_to_save, layer replication) raise. For GPT-2-style
-    models pass ``transposed_kernels`` as for ``LoraConfig``.
+    models pass ``transposed_kernels`` as for ``LoraConfig``. A truncated or corrupt file raises
+    ``AdapterFileError`` (a ``ValueError``) naming it.
 
     Example:
         >>> adapters, config = load_peft("path/to/peft-adapter")  # doctest: +SKIP
     """
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"{folder} has no {PEFT_CONFIG}; it is not a PEFT adapter folder")
-    peft = json.loads((folder / PEFT_CONFIG).read_text())
+    peft = _read_config(folder / PEFT_CONFIG, dict)
     if peft.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type {peft.get('peft_type')!r} is not LORA")
     for key, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None), ("layer_replication", None)):
@@ -209,22 +320,23 @@ def load_peft(folder: str | os.PathLike, *, transposed_kernels: Pattern = ()) ->
         )
     adapters: Adapters = {}
     pattern = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
-    for key, value in load_file(str(weights)).items():
+    for key, value in _read_tensors(weights).items():
         m = pattern.fullmatch(key)
         if m is None:
-            raise ValueError(f"{weights} holds {key!r}, which is not a LoRA A/B weight")
+            raise AdapterFileError(f"{weights} holds {key!r}, which is not a LoRA A/B weight")
         path = m.group(1).replace(".", "/")
         adapters.setdefault(path, {})["a" if m.group(2) == "A" else "b"] = np.ascontiguousarray(value.T)
+    _check_pairs(adapters, weights)
     ranks = {p: int(ad["a"].shape[1]) for p, ad in adapters.items()}
-    rank = int(peft["r"])
+    rank = int(peft.get("r", PEFT_DEFAULT_RANK))
     rank_pattern = {re.escape(k.replace(".", "/")): int(v) for k, v in (peft.get("rank_pattern") or {}).items()}
     for path, r in ranks.items():  # ranks the file holds but the config does not say (PEFT infers nothing)
-        if r != rank and not any(re.fullmatch(rf"(?:.*/)?(?:{k})", path) for k in rank_pattern):
+        if r != rank and not any(key_matches(k, path) for k in rank_pattern):
             rank_pattern[re.escape(path)] = r
     alpha_pattern = {re.escape(k.replace(".", "/")): float(v) for k, v in (peft.get("alpha_pattern") or {}).items()}
     config = LoraConfig(
         rank=rank,
-        alpha=float(peft.get("lora_alpha", rank)),
+        alpha=float(peft.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         rslora=bool(peft.get("use_rslora", False)),
         dropout=float(peft.get("lora_dropout", 0.0) or 0.0),
         targets="|".join(re.escape(p) for p in sorted(adapters)),
@@ -293,13 +405,10 @@ def pytorch_state_dict(params) -> dict[str, np.ndarray]:
 
     out = {}
     for keys, value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(value)
-        *prefix, leaf = (str(k) for k in keys)
-        if leaf == "kernel" and value.ndim == 2:
-            leaf, value = "weight", value.T
-        elif leaf == "kernel" and value.ndim == 4:  # convolutions: (h, w, in, out) -> (out, in, h, w)
-            leaf, value = "weight", value.transpose(3, 2, 0, 1)
-        elif leaf in ("embedding", "scale"):
-            leaf = "weight"
-        out[".".join([*prefix, leaf])] = np.ascontiguousarray(value)
+        value, path = np.asarray(value), "/".join(str(k) for k in keys)
+        if keys[-1] == "kernel" and value.ndim == 2:
+            value = value.T
+        elif keys[-1] == "kernel" and value.ndim == 4:  # convolutions: (h, w, in, out) -> (out, in, h, w)
+            value = value.transpose(3, 2, 0, 1)
+        out[pytorch_name(path)] = np.ascontiguousarray(value)
     return out

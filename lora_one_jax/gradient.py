@@ -34,8 +34,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax._hf import apply_hf_fixes
-from lora_one_jax.config import LoraConfig, find_targets, kernel_key
+from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
 from lora_one_jax.nnx import flat_parts, is_nnx_state
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import BATCH_AXES, batch_sharding, mesh_of, place, to_numpy
@@ -131,6 +130,7 @@ def estimate_gradient(
     *,
     micro_batches_per_step: int = 8,
     progress: bool = True,
+    targets: dict[str, Target] | None = None,
 ) -> dict[str, jax.Array]:
     """Mean gradient of ``loss_fn`` w.r.t. every kernel ``config`` targets: ``{module_path: G (d_in, d_out)}``.
 
@@ -142,7 +142,8 @@ def estimate_gradient(
     are differentiated; the float32 running sum is the only buffer kept besides one step's activations.
     The result is in float32 and Flax orientation: kernels listed in ``config.transposed_kernels``
     (stored (d_out, d_in)) get their gradient transposed to (d_in, d_out). A NaN or Inf raises
-    ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar.
+    ``FloatingPointError`` naming the module and the micro-batch. ``progress`` shows a tqdm bar. ``targets``:
+    ``find_targets(params, config)`` when the caller already has it.
 
     Example:
         >>> params = {"fc": {"kernel": jnp.ones((3, 2))}}
@@ -157,8 +158,7 @@ def estimate_gradient(
         or micro_batches_per_step < 1
     ):
         raise ValueError(f"micro_batches_per_step must be a positive integer, got {micro_batches_per_step!r}")
-    apply_hf_fixes()
-    targets = find_targets(params, config)
+    targets = find_targets(params, config) if targets is None else targets
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
@@ -171,9 +171,8 @@ def estimate_gradient(
     kernel_keys = set(keys.values())
     rest = {k: v for k, v in flat.items() if k not in kernel_keys}
     order = sorted(targets)
-    step = partial(
-        _accumulate, loss_fn=loss_fn, keys=tuple((p, keys[p]) for p in order), unflatten=unflatten or _unflatten
-    )
+    keys_in_order = tuple((p, keys[p]) for p in order)
+    step = partial(_accumulate, loss_fn=loss_fn, keys=keys_in_order, unflatten=unflatten or _unflatten)
     acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
     mesh, out_shardings = mesh_of(kernels), None
     if mesh is not None:  # sharded params: sums sharded like the kernels, micro-batches split over the data axes

@@ -19,11 +19,41 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_one_jax._hf import is_hf_model
-from lora_one_jax.config import LoraConfig
+from lora_one_jax.config import LoraConfig, Target
 from lora_one_jax.nnx import is_nnx_module, logits_of, nnx_forward, tunix_inputs
 from lora_one_jax.transform import with_lora
+
+
+def mean_nll(nll, count):
+    """The mean negative log-likelihood per token: ``sum(nll) / max(sum(count), 1)`` (0 when nothing is counted).
+
+    ``nll`` and ``count`` are per-row sums (or any arrays of one shape); jax arrays (also under ``jax.jit``)
+    give a jax scalar, numpy arrays a Python float computed in numpy's precision.
+
+    Example:
+        >>> mean_nll(np.array([2.0, 4.0]), np.array([1, 3]))
+        1.5
+        >>> float(mean_nll(jnp.zeros(2), jnp.zeros(2)))
+        0.0
+    """
+    if isinstance(nll, jax.Array) or isinstance(count, jax.Array):
+        return jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+    return float(np.sum(nll) / max(np.sum(count), 1))
+
+
+def label_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``log p(labels[..., t])`` under ``logits[..., t, :]`` (float32): an encoder-decoder's decoder logits at
+    position ``t`` predict ``labels[t]``.
+
+    Example:
+        >>> [round(float(x), 4) for x in label_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[1, 3]]))[0]]
+        [-1.3863, -1.3863]
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
 def token_logprobs(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -60,7 +90,7 @@ def causal_lm_loss(logits: jax.Array, batch) -> jax.Array:
         1.3863
     """
     mask = batch["loss_mask"]
-    return -(token_logprobs(logits, batch["input_ids"]) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return mean_nll(-token_logprobs(logits, batch["input_ids"]) * mask, mask)
 
 
 def seq2seq_loss(logits: jax.Array, batch) -> jax.Array:
@@ -72,22 +102,81 @@ def seq2seq_loss(logits: jax.Array, batch) -> jax.Array:
         >>> round(float(seq2seq_loss(jnp.zeros((1, 2, 4)), b)), 4)  # uniform over 4 tokens: log 4
         1.3863
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
     mask = batch["loss_mask"]
-    return -(picked * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return mean_nll(-label_logprobs(logits, batch["labels"]) * mask, mask)
+
+
+def seq2seq_sequence_logprob(logits: jax.Array, batch) -> jax.Array:
+    """Per-row sum of the log-probabilities of an encoder-decoder's ``loss_mask`` labels, shape (batch,).
+
+    Example:
+        >>> b = {"labels": jnp.array([[1, 2]]), "loss_mask": jnp.array([[1.0, 1.0]])}
+        >>> [round(float(x), 4) for x in seq2seq_sequence_logprob(jnp.zeros((1, 2, 4)), b)]  # 2 * log(1/4)
+        [-2.7726]
+    """
+    return (label_logprobs(logits, batch["labels"]) * batch["loss_mask"]).sum(-1)
 
 
 def is_seq2seq(batch) -> bool:
-    """Whether ``batch`` is an encoder-decoder batch (``lora_one_jax.data.pad_seq2seq_batch``)."""
+    """Whether ``batch`` is an encoder-decoder batch (``lora_one_jax.data.pad_seq2seq_batch``).
+
+    Example:
+        >>> is_seq2seq({"input_ids": 0, "decoder_input_ids": 0}), is_seq2seq({"input_ids": 0})
+        (True, False)
+    """
     return "decoder_input_ids" in batch
+
+
+def is_encoder_decoder(model) -> bool:
+    """Whether ``model`` (a Hugging Face Flax model or anything with a ``.config``) is an encoder-decoder
+    (T5): its batches are ``pad_seq2seq_batch`` batches and its loss ``seq2seq_loss``.
+
+    Example:
+        >>> import types
+        >>> is_encoder_decoder(types.SimpleNamespace(config=types.SimpleNamespace(is_encoder_decoder=True)))
+        True
+        >>> is_encoder_decoder(object())
+        False
+    """
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_start_id(model) -> int | None:
+    """An encoder-decoder model's decoder start token (``config.decoder_start_token_id``); None for a causal LM.
+
+    Example:
+        >>> import types
+        >>> decoder_start_id(types.SimpleNamespace(config=types.SimpleNamespace(
+        ...     is_encoder_decoder=True, decoder_start_token_id=0)))
+        0
+        >>> decoder_start_id(object()) is None
+        True
+    """
+    return model.config.decoder_start_token_id if is_encoder_decoder(model) else None
+
+
+def sequence_scores(logits: jax.Array, batch) -> jax.Array:
+    """Per-row summed log-probability of the ``loss_mask`` tokens of a causal or an encoder-decoder batch.
+
+    Example:
+        >>> b = {"input_ids": jnp.array([[0, 1, 2]]), "loss_mask": jnp.array([[0.0, 1.0, 1.0]])}
+        >>> [round(float(x), 4) for x in sequence_scores(jnp.zeros((1, 3, 4)), b)]
+        [-2.7726]
+    """
+    return seq2seq_sequence_logprob(logits, batch) if is_seq2seq(batch) else sequence_logprob(logits, batch)
 
 
 def _logits(out) -> jax.Array:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _model_inputs(batch) -> dict:
+def model_inputs(batch) -> dict:
+    """The keyword arguments of the model's forward call for ``batch`` (besides ``input_ids``).
+
+    Example:
+        >>> sorted(model_inputs({"input_ids": 0, "attention_mask": 1, "position_ids": 2, "loss_mask": 3}))
+        ['attention_mask', 'position_ids']
+    """
     if is_seq2seq(batch):
         keys = ("attention_mask", "decoder_input_ids", "decoder_attention_mask")
     else:
@@ -120,14 +209,14 @@ def full_loss_fn(model) -> Callable:
         forward = lambda params, ids, **kw: model.apply({"params": params}, ids, **kw)
 
     def loss(params, batch):
-        return _loss(_logits(forward(params, batch["input_ids"], **_model_inputs(batch))), batch)
+        return _loss(_logits(forward(params, batch["input_ids"], **model_inputs(batch))), batch)
 
     return loss
 
 
-def lora_loss_fn(model, config: LoraConfig) -> Callable:
+def lora_loss_fn(model, config: LoraConfig, *, targets: dict[str, Target] | None = None) -> Callable:
     """``loss(base_params, adapters, batch, lora_rng=None)``: the same loss with the adapters added
-    (``with_lora``); differentiate it w.r.t. ``adapters`` (argument 1).
+    (``with_lora``, given ``targets`` when the caller has resolved them); differentiate it w.r.t. ``adapters``.
 
     Example:
         >>> from lora_one_jax.models import load_model
@@ -139,14 +228,14 @@ def lora_loss_fn(model, config: LoraConfig) -> Callable:
         >>> bool(jnp.isclose(lora_loss_fn(model, cfg)(params, adapters, batch), full_loss_fn(model)(params, batch)))
         True
     """
-    apply = with_lora(model, config)
+    apply = with_lora(model, config, targets=targets)
     if is_nnx_module(model):
         return lambda base, adapters, batch, lora_rng=None: _loss(
             logits_of(apply(base, adapters, *tunix_inputs(batch), lora_rng=lora_rng)), batch
         )
 
     def loss(base, adapters, batch, lora_rng=None):
-        out = apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **_model_inputs(batch))
+        out = apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **model_inputs(batch))
         return _loss(_logits(out), batch)
 
     return loss

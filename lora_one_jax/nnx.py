@@ -408,7 +408,7 @@ def attach(model, adapters, targets, config, *, lora_rng=None) -> None:
         module._lora_static = (targets[path].scale, config.dropout, layout, shape)
 
 
-def with_lora_nnx(model, config) -> Callable[..., Any]:
+def with_lora_nnx(model, config, *, targets=None) -> Callable[..., Any]:
     """``with_lora`` for an ``nnx.Module``: ``apply(params, adapters, *args, lora_rng=None, **kwargs)`` calls
     ``model(*args, **kwargs)`` on a merged copy (``nnx.merge(graphdef, params, rest)``) whose targeted layers
     add the adapters. ``model`` itself is never mutated; ``rest`` (non-Param state) is taken from it once.
@@ -434,10 +434,10 @@ def with_lora_nnx(model, config) -> Callable[..., Any]:
                 f"apply's first argument is the model's nnx.Param state (lora_one_jax.nnx_split(model)[1]), "
                 f"got {type(params).__name__}"
             )
-        targets = find_targets(params, config)
-        check_adapters(adapters, targets)
+        resolved = find_targets(params, config) if targets is None else targets
+        check_adapters(adapters, resolved)
         copy = nnx.merge(graphdef, params, rest)
-        attach(copy, adapters, targets, config, lora_rng=lora_rng)
+        attach(copy, adapters, resolved, config, lora_rng=lora_rng)
         return copy(*args, **kwargs)
 
     return apply

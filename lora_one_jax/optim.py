@@ -18,11 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src.base import NO_PARAMS_MSG  # optax's own missing-params message (not re-exported)
 
@@ -141,11 +143,13 @@ def lora_one_precond(damping: float = 1e-6) -> optax.GradientTransformation:
         >>> u["fc"]["a"][0].tolist(), u["bias"].tolist()
         ([0.25, 0.25], [1.0, 1.0, 1.0])
     """
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 < float(damping) < float("inf"):
+    value = _real_value(damping, "damping") if not isinstance(damping, (bool, np.bool_)) else math.nan
+    if not (math.isfinite(value) and value > 0) and not isinstance(damping, jax.core.Tracer):
         raise ValueError(
             f"damping must be a finite number > 0, got {damping!r}: it keeps inv(B B^T + damping I) finite when a "
             "factor is rank-deficient (with 0, LoRA's B = 0 init or a collapsed factor makes every update NaN)"
         )
+    damping = damping if isinstance(damping, jax.Array) else value  # an array under optax.inject_hyperparams
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -153,7 +157,7 @@ def lora_one_precond(damping: float = 1e-6) -> optax.GradientTransformation:
                 f"{NO_PARAMS_MSG} lora_one_precond uses the pre-step A and B: call opt.update(grads, state, params)."
             )
 
-        return _precondition_tree(updates, params, float(damping)), state
+        return _precondition_tree(updates, params, damping), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -169,7 +173,9 @@ def lora_one(
 ) -> optax.GradientTransformation:
     """LoRA-One's optimizer: ``optax.chain(lora_one_precond(damping), optax.adamw(...))``.
 
-    ``learning_rate`` is a float or an optax schedule.
+    ``learning_rate`` is a float > 0 or an optax schedule (a callable of the step). A rate that is zero,
+    negative, NaN or infinite, ``b1`` / ``b2`` outside [0, 1), or a negative ``eps`` / ``weight_decay`` raise
+    ``ValueError`` here rather than training silently in the wrong direction.
 
     Example:
         >>> opt = lora_one(optax.linear_schedule(1e-3, 0.0, 100), weight_decay=0.01)
@@ -177,8 +183,41 @@ def lora_one(
         >>> u, _ = opt.update(jax.tree.map(jnp.ones_like, p), opt.init(p), p)
         >>> u["fc"]["a"].shape
         (3, 2)
+        >>> lora_one(-1e-2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: learning_rate must be a finite number > 0 (or an optax schedule), got -0.01; ...
     """
+    _check_hyperparameters(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     return optax.chain(
         lora_one_precond(damping),
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     )
+
+
+def _real_value(value, name: str) -> float:
+    """``value`` as a float (NaN for a traced value, e.g. under ``optax.inject_hyperparams`` in a jitted step)."""
+    if isinstance(value, jax.core.Tracer):
+        return math.nan
+    scalar_array = isinstance(value, (np.ndarray, jax.Array)) and value.shape == ()
+    if isinstance(value, (bool, np.bool_)) or not (
+        isinstance(value, numbers.Real) or (scalar_array and jnp.issubdtype(value.dtype, jnp.floating))
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _check_hyperparameters(learning_rate, **others) -> None:
+    """A clear ``ValueError`` for a rate that is not finite and > 0, and for AdamW settings out of range."""
+    if not callable(learning_rate):
+        lr = _real_value(learning_rate, "learning_rate")
+        if not (math.isfinite(lr) and lr > 0) and not isinstance(learning_rate, jax.core.Tracer):
+            raise ValueError(
+                f"learning_rate must be a finite number > 0 (or an optax schedule), got {lr!r}; "
+                "a typical LoRA-One rate is 1e-4 to 1e-3 (a negative rate ascends the loss, 0 never moves)"
+            )
+    ranges = {"b1": (0.0, 1.0), "b2": (0.0, 1.0), "eps": (0.0, math.inf), "weight_decay": (0.0, math.inf)}
+    for name, value in others.items():
+        low, high = ranges[name]
+        v = _real_value(value, name)
+        if not (math.isfinite(v) and low <= v < high) and not isinstance(value, jax.core.Tracer):
+            raise ValueError(f"{name} must be a finite number in [{low}, {high}), got {v!r}")

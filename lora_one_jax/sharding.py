@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
@@ -200,6 +201,30 @@ def _trim(spec: P) -> P:
 def shard_adapters(adapters: Adapters, specs: dict[str, dict[str, P]], mesh: Mesh) -> Adapters:
     """``adapters`` (or stacked adapters) placed by ``specs``."""
     return {p: {k: place(v, NamedSharding(mesh, specs[p][k])) for k, v in ad.items()} for p, ad in adapters.items()}
+
+
+def leaf_placer(dtype, mesh: Mesh | None = None, rules: Rules | None = None):
+    """``put(path, host_array) -> jax.Array``: cast floating leaves to ``dtype`` and place each one on its own,
+    into its ``rules`` sharding (default ``LLAMA_RULES``) over ``mesh`` when given (so a sharded model is never
+    whole on one device). The loaders place every weight with it as they read it.
+
+    Example:
+        >>> put = leaf_placer(jnp.bfloat16)
+        >>> put("lm_head/kernel", np.ones((2, 3), np.float32)).dtype
+        dtype(bfloat16)
+        >>> leaf_placer(jnp.float32, make_mesh())("lm_head/kernel", np.ones((8, 8), np.float32)).sharding.spec
+        P('fsdp', 'tensor')
+    """
+
+    def put(path: str, x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(jnp.dtype(dtype))
+        if mesh is None:
+            return jnp.asarray(x)
+        return place(x, NamedSharding(mesh, spec_for(path, x.shape, rules or LLAMA_RULES, mesh)))
+
+    return put
 
 
 def mesh_of(tree) -> Mesh | None:

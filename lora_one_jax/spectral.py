@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from functools import partial
 
@@ -25,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax.config import Adapters, LoraConfig
+from lora_one_jax.config import OUTPUT_HEADS, Adapters, LoraConfig, matches
 from lora_one_jax.sharding import AXES, mesh_of, to_numpy
 from lora_one_jax.svd import top_svd
 
@@ -43,6 +44,35 @@ def _matrices(mats: Mapping[str, jax.Array], what: str) -> dict[str, jax.Array]:
             )
         out[path] = m
     return out
+
+
+def _gamma(gamma) -> float:
+    """``gamma`` as a Python float: any real number (Python, numpy or a 0-d array) that is finite and > 0."""
+    scalar_array = isinstance(gamma, (np.ndarray, jax.Array)) and gamma.shape == ()
+    real = isinstance(gamma, numbers.Real) or (scalar_array and jnp.issubdtype(gamma.dtype, jnp.floating))
+    if isinstance(gamma, (bool, np.bool_)) or not real:
+        raise TypeError(f"gamma must be a real number (e.g. 128.0), got {gamma!r} ({type(gamma).__name__})")
+    value = float(gamma)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"gamma must be finite and > 0 (e.g. 128.0), got {value!r}")
+    return value
+
+
+def _targeted(mats: dict[str, jax.Array], config: LoraConfig) -> dict[str, jax.Array]:
+    """``mats`` itself if ``config`` targets every module in it; a ``ValueError`` naming the others."""
+    if config.targets == "all-linear":
+        stray = [p for p in mats if any(p == h or p.endswith("/" + h) for h in OUTPUT_HEADS)]
+    else:
+        stray = [p for p in mats if not matches(config.targets, p)]
+    if config.exclude is not None:
+        stray += [p for p in mats if p not in stray and matches(config.exclude, p)]
+    if stray:
+        raise ValueError(
+            f"gradients for {len(stray)} module(s) the config does not target: {sorted(stray)[:10]}"
+            f"{' ...' if len(stray) > 10 else ''} (targets={config.targets!r}, exclude={config.exclude!r}); "
+            "estimate the gradients with the same LoraConfig, or drop those modules from grads"
+        )
+    return mats
 
 
 def _plan(mats: dict[str, jax.Array], ranks: dict[str, int], what: str, factor: int = 1) -> tuple:
@@ -234,9 +264,8 @@ def spectral_init(
         >>> bool(jnp.allclose(ad["fc"]["a"].T @ ad["fc"]["a"], jnp.diag(s[:2]) / (128 * s[0]), atol=1e-6))
         True
     """
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    mats = _matrices(grads, "grads")
+    gamma = _gamma(gamma)
+    mats = _targeted(_matrices(grads, "grads"), config)
     return _run(mats, config, kind="lora-one", method=svd, key=key, what="gradient", gamma=gamma, tol=tol, mesh=mesh)
 
 
@@ -282,7 +311,6 @@ def lora_ga_init(
         >>> ad["fc"]["a"].shape, ad["fc"]["b"].shape
         ((8, 2), (2, 6))
     """
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    mats = _matrices(grads, "grads")
+    gamma = _gamma(gamma)
+    mats = _targeted(_matrices(grads, "grads"), config)
     return _run(mats, config, kind="lora-ga", method=svd, key=key, what="gradient", gamma=gamma)

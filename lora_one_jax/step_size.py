@@ -5,7 +5,8 @@ The spectral init is one gradient step of size ``1 / (gamma s1)`` along ``best_r
 is computed once (the factors at ``gamma = 1``) and every candidate is those factors times
 ``1 / sqrt(gamma)``. Each candidate is scored by the loss, before any training step, on batches that are
 NOT the gradient examples (e.g. the next 32 training examples): forward passes only, through one compiled
-loss whose rescaling factor is an argument (one compile per batch shape for all candidates).
+loss whose rescaling factor is an argument (one compile per batch shape for all candidates, reused by later
+calls with the same ``loss_fn`` object: make it once per run, e.g. ``lora_loss_fn(model, config)``).
 
 Cost: ``evaluations * len(batches)`` forward passes, returned as ``forward_passes``. ``search="grid"``
 scores every candidate; ``search="golden"`` assumes the loss is unimodal over the (sorted) candidates and
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -80,6 +82,13 @@ def _check_gamma(gamma) -> float:
     if not (isinstance(gamma, (int, float, np.floating, np.integer)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"every gamma must be a finite number > 0, got {gamma!r}")
     return float(gamma)
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "dtype"))
+def _scored(params, unit, batch, c, *, loss_fn, dtype):
+    """The loss with the unit factors times ``c``: one program for every candidate (``c`` is an argument), and
+    for every later call with the same ``loss_fn`` and batch shape (the weights are arguments, not constants)."""
+    return loss_fn(params, jax.tree.map(lambda x: (x * c).astype(dtype), unit), batch)
 
 
 def _golden_order(n: int, evaluate: Callable[[int], float]) -> None:
@@ -139,19 +148,14 @@ def choose_gamma(
         if grads is None:
             raise ValueError("choose_gamma needs grads (or the unit factors, unit=unit_spectral_init(grads, config))")
         unit = unit_spectral_init(grads, config, svd=svd, key=key)
-    dtype = jnp.dtype(config.dtype)
-
-    @jax.jit
-    def scored(params, unit, batch, c):  # one program for every candidate: the factor c is an argument
-        return loss_fn(params, jax.tree.map(lambda x: (x * c).astype(dtype), unit), batch)
-
+    dtype = jnp.dtype(config.dtype).name
     losses: dict[float, float] = {}
 
     def evaluate(i: int) -> float:
         gamma = candidates[i]
         if gamma not in losses:
             c = jnp.float32(1.0 / math.sqrt(gamma))
-            values = [float(scored(params, unit, batch, c)) for batch in batches]
+            values = [float(_scored(params, unit, batch, c, loss_fn=loss_fn, dtype=dtype)) for batch in batches]
             if any(math.isnan(v) for v in values):
                 raise FloatingPointError(
                     f"the loss at gamma={gamma:g} is NaN on a scoring batch; check the batches, "

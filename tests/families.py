@@ -14,9 +14,25 @@ import numpy as np
 import transformers as tf
 
 import lora_one_jax as lj
-import lora_one_jax.models
+from lora_one_jax.models import patch_transformers
 
 VOCAB = 64
+
+#: The tiny decoder every test builds (Llama, Mistral, Gemma share these sizes).
+DECODER_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama_config(**overrides) -> tf.LlamaConfig:
+    """The tiny Llama config of the tests (``DECODER_SIZES`` with ``overrides``)."""
+    return tf.LlamaConfig(**{**DECODER_SIZES, **overrides})
 
 
 @dataclasses.dataclass
@@ -53,8 +69,15 @@ def _ids(shape=(2, 8), seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(3, VOCAB, size=shape), jnp.int32)
 
 
+def build_hf(cls_name: str, config, **kwargs):
+    """An HF Flax model built with transformers directly, after the explicit ``patch_transformers()`` (the
+    loaders of ``lora_one_jax.models`` apply it themselves; importing the library patches nothing)."""
+    patch_transformers()
+    return getattr(tf, cls_name)(config, **kwargs)
+
+
 def _hf(cls_name, config, torch_class, transposed=(), **inputs):
-    model = getattr(tf, cls_name)(config, seed=0)
+    model = build_hf(cls_name, config, seed=0)
     inputs = inputs or {"input_ids": _ids()}
     return dict(
         model=model,
@@ -68,19 +91,9 @@ def _hf(cls_name, config, torch_class, transposed=(), **inputs):
 
 def make_family(name: str) -> Family:
     """One tiny random model of the named family, with its example inputs."""
-    decoder = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    decoder = DECODER_SIZES
     builders: dict[str, Callable[[], dict]] = {
-        "llama": lambda: _hf(
-            "FlaxLlamaForCausalLM", tf.LlamaConfig(**decoder, rope_theta=100000.0), "LlamaForCausalLM"
-        ),
+        "llama": lambda: _hf("FlaxLlamaForCausalLM", tiny_llama_config(rope_theta=100000.0), "LlamaForCausalLM"),
         "mistral": lambda: _hf(
             "FlaxMistralForCausalLM", tf.MistralConfig(**decoder, sliding_window=None), "MistralForCausalLM"
         ),

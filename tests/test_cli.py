@@ -8,6 +8,8 @@ import sys
 import pytest
 import yaml
 
+from lora_one_jax.export import AdapterFileError
+from lora_one_jax.models.assets import AssetError
 from lora_one_train import cli
 from lora_one_train.config import (
     CONFIG_DIR,
@@ -196,6 +198,9 @@ def test_debug_shows_the_traceback():
         (LockError("runs/x is in use by another run (pid 12 on h, started t)"), "runs/x is in use by another run "
          "(pid 12 on h, started t)"),
         (DataError("train.jsonl changed since checkpoint 4"), "train.jsonl changed since checkpoint 4"),
+        (AdapterFileError("runs/x/adapters/adapters.safetensors is truncated"), "runs/x/adapters/adapters.safetensors "
+         "is truncated"),
+        (AssetError("smollm2-135m: no network; set LORA_ONE_CACHE"), "smollm2-135m: no network; set LORA_ONE_CACHE"),
     ],
 )  # fmt: skip
 def test_file_and_folder_errors_are_one_line_with_what_to_do(monkeypatch, capsys, error, line):
@@ -206,13 +211,15 @@ def test_file_and_folder_errors_are_one_line_with_what_to_do(monkeypatch, capsys
     assert run_main([], capsys) == (2, f"lora-one-train: error: {line}\n")
 
 
-def test_programming_errors_keep_their_traceback(monkeypatch):
+@pytest.mark.parametrize("error", [KeyError("missing"), ValueError("a bug"), TypeError("a bug")])
+def test_programming_errors_keep_their_traceback(monkeypatch, error):
     def train(args):
-        return {}["missing"]
+        raise error
 
     monkeypatch.setattr(cli, "train", train)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(type(error)) as e:
         cli.main([])
+    assert e.value is error
 
 
 def test_an_interruption_says_how_to_resume(monkeypatch, capsys):
@@ -243,3 +250,35 @@ def test_the_installed_command_prints_one_line_for_an_empty_config(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_resolves_by_name(path):
     assert load_config(path.stem) == load_config(str(path))
+
+
+def test_a_run_into_a_folder_another_run_holds_is_refused_before_writing_anything(tmp_path, capsys):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lora_one_train.lock import RunLock\nwith RunLock(sys.argv[1]):\n"
+         "    print('held', flush=True); sys.stdin.read()", str(folder)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_main(["--output-dir", str(folder), "--set", "model.spec=toy-llama"], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"lora-one-train: error: {folder} is in use by another run (pid {holder.pid} on " in err
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_a_file_where_the_output_folder_should_be_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code, err = run_main(["--output-dir", str(tmp_path / "afile" / "run"), "--set", "model.spec=toy-llama"], capsys)
+    assert (code, err) == (2, f"lora-one-train: error: {tmp_path / 'afile' / 'run'}: Not a directory\n")
+
+
+def test_a_numeric_name_is_refused_with_how_to_quote_it():
+    with pytest.raises(
+        ConfigError, match="name must be a non-empty string \\(quote numbers: name: '2024'\\), got 2024"
+    ):
+        load_config("default", ["name=2024"])
+    assert load_config("default", ["name='2024'"]).out_dir.name == "2024"

@@ -125,10 +125,12 @@ def test_adapter_missing_b():
     config = lj.LoraConfig(rank=2)
     adapters = random_adapters(config)
     adapters["hidden"] = {"a": adapters["hidden"]["a"]}
+    with pytest.raises(ValueError, match=r"cannot merge adapters: 'hidden' has no 'b'"):
+        lj.merge(PARAMS, adapters, config)
     with pytest.raises(
         ValueError, match=r"adapter 'hidden' must be a dict with exactly the keys 'a' and 'b', got \['a'\]"
     ):
-        lj.merge(PARAMS, adapters, config)
+        lj.with_lora(MODEL, config)({"params": PARAMS}, adapters, X)
 
 
 def test_find_targets_on_a_model_or_on_variables():

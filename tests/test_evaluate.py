@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_one_jax.adapters import init_adapters, merge
+from lora_one_jax import init_adapters, merge
 from lora_one_jax.config import LoraConfig
 from lora_one_jax.eval import EvalResult, evaluate, generate, number_match, numbers_in, score_choices
 from lora_one_jax.models import toy_llama

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 import lora_one_jax as lj
+from tests.families import build_hf, tiny_llama_config
 
 GAMMA = 128.0
 
@@ -18,16 +18,7 @@ def best_rank_np(x, r):
 
 @pytest.fixture(scope="module")
 def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.FlaxLlamaForCausalLM(cfg, input_shape=(1, 8), seed=0)
+    model = build_hf("FlaxLlamaForCausalLM", tiny_llama_config(intermediate_size=64), input_shape=(1, 8), seed=0)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)} for _ in range(2)]
     return model, batches

@@ -189,3 +189,9 @@ def test_of_runs_started_together_exactly_one_gets_the_lock(tmp_path, stale):
             p.stdin.close()
     assert sorted(p.wait(timeout=30) for p in procs) == [0] + [3] * 4
     assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_a_disabled_lock_holds_nothing(tmp_path):
+    with RunLock(tmp_path), RunLock(tmp_path, enabled=False) as other:  # e.g. process 1 of a multi-process run
+        assert other.info is None and read_lock(tmp_path / ".lock").pid == os.getpid()
+    assert not (tmp_path / ".lock").exists()

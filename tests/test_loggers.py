@@ -84,10 +84,11 @@ def test_a_resumed_run_replaces_what_was_logged_after_its_checkpoint(tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
-def test_a_fresh_run_starts_an_empty_metrics_file(tmp_path):
-    log_run([JsonlLogger(tmp_path)], TRAIN)
-    log_run([JsonlLogger(tmp_path)], TRAIN[:1])
-    assert read_metrics(tmp_path) == [{"step": 1, **TRAIN[0][1]}]
+def test_jsonl_appends_to_what_the_file_holds(tmp_path):
+    log_run([JsonlLogger(tmp_path)], TRAIN[:2])
+    log_run([JsonlLogger(tmp_path)], TRAIN[2:3])
+    log_run([JsonlLogger(tmp_path, resume_step=3)], [])  # nothing after step 3: the file is left as it is
+    assert read_metrics(tmp_path) == [{"step": s, **r} for s, r in TRAIN[:3]]
 
 
 def test_only_the_first_process_writes(tmp_path):

@@ -11,7 +11,6 @@ import transformers as tf
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-import lora_one_jax.models  # noqa: F401  (applies the HF compat fixes)
 from lora_one_jax.models import load_model, merge_safetensors_shards, toy_llama
 from lora_one_jax.models.gguf import load_gguf, permute_qk
 from lora_one_jax.models.tokenizer import toy_tokenizer

@@ -118,6 +118,8 @@ def test_choose_gamma_on_a_language_model_is_one_compile_and_matches_the_loss():
     out = choose_gamma(counting_loss, params, grads, cfg, scoring, gammas=gammas, key=jax.random.key(0))
     assert len(traces) == 1  # one compiled loss for every candidate and batch
     assert out.forward_passes == 6
+    again = choose_gamma(counting_loss, params, grads, cfg, scoring[:1], gammas=(64.0,), key=jax.random.key(0))
+    assert len(traces) == 1 and again.forward_passes == 1  # a later call with the same loss_fn: no new compile
     for gamma in gammas:
         adapters = lj.spectral_init(grads, cfg, gamma=gamma, key=jax.random.key(0))
         direct = np.mean([float(lora_loss(params, adapters, b)) for b in scoring])

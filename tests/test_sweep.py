@@ -15,6 +15,7 @@ from lora_one_train.sweep import (
     choose_rate,
     chosen_rates,
     extend_grid,
+    load_results,
     log_grid,
     plan,
     validation_indices,
@@ -221,3 +222,17 @@ def test_report_rejects_inconsistent_seed_runs(tmp_path):
         write_report([{**base, "lr": 1e-3, "seed": 0}, {**base, "lr": 1e-3, "seed": 0}], tmp_path)
     with pytest.raises(ValueError, match="several learning rates"):
         write_report([{**base, "lr": 1e-3, "seed": 0}, {**base, "lr": 1e-4, "seed": 1}], tmp_path)
+
+
+def test_load_results_finds_only_finished_runs(tmp_path):
+    import json
+
+    done = Run("lora", 3e-4, 1, "seeds")
+    done.result_path(tmp_path).parent.mkdir(parents=True)
+    done.result_path(tmp_path).write_text(json.dumps({"history": [], "diverged": False}))
+    Run("lora", 1e-3, 0, "grid").folder(tmp_path).mkdir(parents=True)  # started, no result yet: not done
+    assert load_results(tmp_path) == {done.name: {"history": [], "diverged": False}}
+    todo = [
+        r for r in plan(["lora"], load_results(tmp_path), grid=(1e-3, 1e-2)) if r.name not in load_results(tmp_path)
+    ]
+    assert [r.name for r in todo] == ["grid/lora/lr1.00e-03-seed0", "grid/lora/lr1.00e-02-seed0"]

@@ -25,6 +25,13 @@ PROG = "lora-one-train"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
+#: the core library's errors about the user's files and assets (modules, class names): user errors too
+CORE_USER_ERRORS = {
+    "lora_one_jax.export": "AdapterFileError",
+    "lora_one_jax.data.tasks": "DataError",
+    "lora_one_jax.models.assets": "AssetError",
+}
+
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free space, then rerun the same command to resume",
     errno.EDQUOT: "the disk quota is exceeded: free space, then rerun the same command to resume",
@@ -84,6 +91,20 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types the CLI reports as one line: ``UserError``, ``OSError`` and the core's user errors
+    (from the modules already imported: an error can only come from a loaded module; importing the others
+    would slow down ``--help``).
+
+    Example:
+        >>> import lora_one_jax.export
+        >>> [t.__name__ for t in user_errors()][:3]
+        ['UserError', 'OSError', 'AdapterFileError']
+    """
+    core = tuple(getattr(sys.modules[m], name) for m, name in CORE_USER_ERRORS.items() if m in sys.modules)
+    return (UserError, OSError, *core)
+
+
 def error_line(error: BaseException) -> str:
     """What the CLI prints for a user error or a file/folder error (``OSError``): what is wrong, what to do.
 
@@ -119,8 +140,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, OSError) as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not isinstance(e, user_errors()):
             raise
         print(f"{PROG}: error: {error_line(e)}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

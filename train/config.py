@@ -443,7 +443,9 @@ class RunConfig:
         if not isinstance(self.restart, bool):
             raise ConfigError(f"restart must be true or false, got {self.restart!r}")
         if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"name must be a non-empty string, got {self.name!r}")
+            raise ConfigError(
+                f"name must be a non-empty string (quote numbers: name: '{self.name}'), got {self.name!r}"
+            )
         check_template(self.output_dir, "output_dir", OUTPUT_DIR_FIELDS)
 
     @classmethod

@@ -176,6 +176,8 @@ def _take_over(path: Path, stale: LockInfo, stderr) -> None:
 class RunLock:
     """Context manager holding ``folder/.lock`` (the folder is created); see the module doc.
 
+    ``enabled=False`` holds nothing: in a multi-process run only the process that writes (process 0) locks.
+
     Example:
         >>> import tempfile
         >>> folder = tempfile.mkdtemp()
@@ -185,7 +187,8 @@ class RunLock:
         lora_one_train.errors.LockError: ... is in use by another run (pid ...); wait for it to end or use ...
     """
 
-    def __init__(self, folder, *, stderr=None):
+    def __init__(self, folder, *, enabled: bool = True, stderr=None):
+        self.enabled = enabled
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.info: LockInfo | None = None
@@ -193,6 +196,8 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise ``LockError`` naming the live holder."""
+        if not self.enabled:
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
         mine = LockInfo.mine()
         for _ in range(_ATTEMPTS):

@@ -2,8 +2,9 @@
 
 ``make_loggers(cfg.logging, folder, run_name=..., config=...)`` returns the loggers the config lists (none on
 processes other than the first: every process computes, one writes). Each has ``log(step, record)`` (a flat
-dict of numbers, strings or None) and ``close()``. On resume (``resume_step``) each drops or hides what the
-interrupted process logged after its last checkpoint, so that the logs read as one uninterrupted run.
+dict of numbers, strings or None) and ``close()``. They append to what is there; on resume (``resume_step``,
+the checkpoint's step) each drops or hides what the interrupted process logged after that step, so that the
+logs read as one uninterrupted run (a fresh start deletes the folder first).
 
 Example:
     >>> import tempfile
@@ -76,7 +77,8 @@ def read_metrics(folder) -> list[dict]:
 class JsonlLogger:
     """Appends ``{"step": step, **record}`` lines to ``folder/metrics.jsonl``, each flushed as written.
 
-    A fresh run (``resume_step=None``) starts an empty file; a resumed one keeps the records up to its step.
+    Records are appended to what the file holds; a resumed run (``resume_step``) first drops the records after
+    its checkpoint's step (logged by the interrupted process, and about to be logged again).
 
     Example:
         >>> import tempfile
@@ -93,10 +95,11 @@ class JsonlLogger:
     def __init__(self, folder, *, resume_step: int | None = None):
         self.path = Path(folder) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        records = read_metrics(folder)
-        kept = [] if resume_step is None else [r for r in records if r["step"] <= resume_step]
-        if resume_step is None or len(kept) != len(records):
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if resume_step is not None:
+            records = read_metrics(folder)
+            kept = [r for r in records if r["step"] <= resume_step]
+            if len(kept) != len(records):
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = None
 
     def log(self, step: int, record: Mapping[str, Any]) -> None:
@@ -149,7 +152,7 @@ class TensorBoardLogger:
 class WandbLogger:
     """Logs every record to a Weights & Biases run (``wandb.init(project, name, config)``).
 
-    wandb's own environment variables apply (``WANDB_MODE=offline``, ``WANDB_DIR``, ``WANDB_API_KEY``); a
+    wandb's own environment variables apply (``WANDB_MODE=offline``, ``WANDB_API_KEY``, ``WANDB_ENTITY``); a
     resumed run continues the W&B run its first start created (its id is kept in ``folder/wandb_id``).
     """
 

@@ -268,6 +268,28 @@ def plan(
     return grid_runs + seed_runs
 
 
+def load_results(root) -> dict[str, dict]:
+    """``{run name: result}`` of every finished run under a sweep's ``root`` (each run's ``result.json``).
+
+    Example:
+        >>> import json, tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> path = Run("lora", 1e-4, 0, "grid").result_path(root)
+        >>> path.parent.mkdir(parents=True); _ = path.write_text(json.dumps({"val": {"answer_loss": 0.7}}))
+        >>> load_results(root)
+        {'grid/lora/lr1.00e-04-seed0': {'val': {'answer_loss': 0.7}}}
+    """
+    import json
+
+    root = Path(root)
+    out = {}
+    for path in sorted(root.glob("*/*/*/result.json")):
+        name = path.parent.relative_to(root).as_posix()
+        if name.split("/")[0] in PHASES:
+            out[name] = json.loads(path.read_text())
+    return out
+
+
 def chosen_rates(methods: Iterable[str], results: Mapping[str, Mapping], *, grid=DEFAULT_GRID, grid_seed=0) -> dict:
     """``{method: {"lr": chosen rate or None, "grid": {lr: (val loss, val score)}}}`` for the report.
 

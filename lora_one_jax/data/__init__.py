@@ -16,8 +16,20 @@ from lora_one_jax.data.batching import (
     tokenize,
     truncate,
 )
+from lora_one_jax.data.fingerprint import file_fingerprint, fingerprint
 from lora_one_jax.data.loader import BatchStream
-from lora_one_jax.data.tasks import COLUMNS, KINDS, TASKS, DataError, Task, from_records, load_task, read_jsonl
+from lora_one_jax.data.tasks import (
+    COLUMNS,
+    KINDS,
+    TASKS,
+    DataError,
+    Task,
+    from_records,
+    load_hf_data,
+    load_task,
+    read_jsonl,
+    read_jsonl_rows,
+)
 
 __all__ = [
     "BatchStream",
@@ -30,12 +42,16 @@ __all__ = [
     "batches",
     "bucket_lengths",
     "encode",
+    "file_fingerprint",
+    "fingerprint",
     "from_records",
+    "load_hf_data",
     "load_task",
     "pad_batch",
     "pad_id_of",
     "pad_seq2seq_batch",
     "read_jsonl",
+    "read_jsonl_rows",
     "tokenize",
     "truncate",
 ]

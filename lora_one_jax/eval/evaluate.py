@@ -39,7 +39,14 @@ import numpy as np
 
 from lora_one_jax.config import LoraConfig
 from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, pad_seq2seq_batch, truncate
-from lora_one_jax.losses import sequence_logprob
+from lora_one_jax.losses import (
+    decoder_start_id,
+    is_encoder_decoder,
+    mean_nll,
+    model_inputs,
+    sequence_logprob,
+    sequence_scores,
+)
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import to_numpy
 from lora_one_jax.transform import with_lora
@@ -86,26 +93,8 @@ def _sequence_scores(forward, model):
     ``pad_seq2seq_batch`` batch, encoder-decoder)."""
 
     def run(params, adapters, batch):
-        if "decoder_input_ids" in batch:
-            out = forward(
-                params,
-                adapters,
-                batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=batch["decoder_input_ids"],
-                decoder_attention_mask=batch["decoder_attention_mask"],
-            )
-            logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
-            picked = jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-            return (picked * batch["loss_mask"]).sum(-1), batch["loss_mask"].sum(-1)
-        out = forward(
-            params,
-            adapters,
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-        )
-        return sequence_logprob(out.logits, batch), batch["loss_mask"].sum(-1)
+        out = forward(params, adapters, batch["input_ids"], **model_inputs(batch))
+        return sequence_scores(out.logits, batch), batch["loss_mask"].sum(-1)
 
     return run
 
@@ -116,13 +105,7 @@ def _next_token_scores(forward, model):
     gives the choice scores and the held-out answer loss."""
 
     def run(params, adapters, batch, candidates, score_at):
-        out = forward(
-            params,
-            adapters,
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-        )
+        out = forward(params, adapters, batch["input_ids"], **model_inputs(batch))
         logits = jnp.take_along_axis(out.logits, score_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         scores = jnp.take_along_axis(logp, jnp.maximum(candidates, 0), axis=-1)
@@ -160,12 +143,16 @@ def _greedy(forward, model, max_new_tokens):
 _BUILDERS = {"sequence": _sequence_scores, "next_token": _next_token_scores, "greedy": _greedy}
 
 
-def _progress(iterable, total, desc, enabled):
-    return progress_bar(iterable, total=total, desc=desc, enabled=enabled, leave=False)
+def _longest_first(lengths: Sequence[int], batch_size: int, desc: str, progress: bool):
+    """Indices of rows in batches of ``batch_size``, longest rows first (so a batch's rows have similar lengths)."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return progress_bar(groups, total=len(groups), desc=desc, enabled=progress, leave=False)
 
 
-def _chunks(n: int, size: int):
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+def _row(ids: list[int], prompt_len: int, max_len: int) -> dict:
+    ids, n = truncate(ids, prompt_len, max_len)
+    return {"input_ids": ids, "prompt_len": n}
 
 
 class Evaluator:
@@ -190,7 +177,7 @@ class Evaluator:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self.seq2seq = is_encoder_decoder(model)
         self.batch_size, self.max_len = int(batch_size), int(max_len)
         self._programs: dict = {}
 
@@ -204,6 +191,9 @@ class Evaluator:
             forward = _forward(self.model, self.config, with_adapters)
             self._programs[key] = jax.jit(_BUILDERS[kind](forward, self.model, *static))
         return self._programs[key]
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
 
     def score_choices(
         self,
@@ -219,87 +209,59 @@ class Evaluator:
         float32, ``-inf`` where an example has fewer choices. With ``answers`` (the gold continuations) it
         returns ``(scores, nll, count)``, adding each example's answer NLL and token count (as ``answer_nll``),
         from the same forward passes when every candidate is a single token."""
-        tokenizer, batch_size, max_len = self.tokenizer, self.batch_size, self.max_len
         n_choices = max((len(c) for c in choices), default=0)
         out = np.full((len(prompts), n_choices), -np.inf, np.float32)
         if not len(prompts) or not n_choices:
             return out if answers is None else (out, np.zeros(len(prompts)), np.zeros(len(prompts), np.int64))
-        prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        flat = [c for cs in choices for c in cs]
-        choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        per_example, k = [], 0
-        for cs in choices:
-            per_example.append(choice_ids[k : k + len(cs)])
-            k += len(cs)
-        buckets = bucket_lengths(max_len)
-        pad = pad_id_of(tokenizer)
-        with_adapters = adapters is not None
-
-        if all(len(ids) == 1 for ids in choice_ids) and not self.seq2seq:  # one pass per prompt scores every candidate
-            run = self._program("next_token", with_adapters)
-            answer_ids = (
-                tokenizer(list(answers), add_special_tokens=False)["input_ids"]
-                if answers is not None
-                else [[] for _ in prompts]
-            )
-            eos = [] if answers is None else [self._eos()]
-            rows = []
-            for p_ids, a_ids in zip(prompt_ids, answer_ids):
-                ids, n = truncate(p_ids + (a_ids + eos if answers is not None else []), len(p_ids), max_len)
-                if answers is None:
-                    ids, n = ids[-max_len:], len(ids[-max_len:])
-                rows.append({"input_ids": ids, "prompt_len": n})
-            nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
-            order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
-            groups = _chunks(len(order), batch_size)
-            for group in _progress(groups, len(groups), "scoring", progress):
-                idx = order[group]
-                batch = pad_batch([rows[i] for i in idx], pad_id=pad, buckets=buckets, batch_size=batch_size)
-                cand = np.full((batch_size, n_choices), -1, np.int32)
-                score_at = np.zeros(batch_size, np.int32)
-                for r, i in enumerate(idx):
-                    cand[r, : len(per_example[i])] = [ids[0] for ids in per_example[i]]
-                    score_at[r] = max(rows[i]["prompt_len"] - 1, 0)
-                scores, lp, n = (
-                    to_numpy(x) for x in run(params, adapters, batch, jnp.asarray(cand), jnp.asarray(score_at))
-                )
-                for r, i in enumerate(idx):
-                    out[i, : len(per_example[i])] = scores[r, : len(per_example[i])]
-                nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
-            return out if answers is None else (out, nll, count)
-
-        run = self._program("sequence", with_adapters)
-        pairs = [(i, j) for i, cs in enumerate(per_example) for j in range(len(cs))]
-        rows = []
-        for i, j in pairs:
-            ids, n = truncate(prompt_ids[i] + per_example[i][j], len(prompt_ids[i]), max_len)
-            rows.append({"input_ids": ids, "prompt_len": n})
-        order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
-        groups = _chunks(len(order), batch_size)
-        for group in _progress(groups, len(groups), "scoring", progress):
-            idx = order[group]
-            batch = self._pad([rows[p] for p in idx], buckets)
-            scores = to_numpy(run(params, adapters, batch)[0])
-            for r, p in enumerate(idx):
-                i, j = pairs[p]
-                out[i, j] = scores[r]
+        prompt_ids, choice_ids = self._ids(prompts), iter(self._ids([c for cs in choices for c in cs]))
+        per_example = [[next(choice_ids) for _ in cs] for cs in choices]
+        if all(len(ids) == 1 for cs in per_example for ids in cs) and not self.seq2seq:
+            return self._score_next_token(params, adapters, prompt_ids, per_example, answers, out, progress)
+        self._score_sequences(params, adapters, prompt_ids, per_example, out, progress)
         if answers is None:
             return out
-        nll, count = self.answer_nll(params, adapters, prompts, answers, progress=progress)
-        return out, nll, count
+        return (out, *self.answer_nll(params, adapters, prompts, answers, progress=progress))
 
-    def _pad(self, rows, buckets):
-        """Rows (``input_ids`` = prompt + continuation, ``prompt_len``) as a batch for this model."""
-        if self.seq2seq:
-            start = self.model.config.decoder_start_token_id
-            return pad_seq2seq_batch(
-                rows,
-                pad_id=pad_id_of(self.tokenizer),
-                decoder_start_id=start,
-                buckets=buckets,
-                batch_size=self.batch_size,
+    def _score_next_token(self, params, adapters, prompt_ids, per_example, answers, out, progress):
+        """Single-token candidates: one forward pass per prompt (+ gold answer) scores every candidate."""
+        run = self._program("next_token", adapters is not None)
+        if answers is None:
+            rows = [_row(p[-self.max_len :], len(p[-self.max_len :]), self.max_len) for p in prompt_ids]
+        else:
+            tails = [a + [self._eos()] for a in self._ids(answers)]
+            rows = [_row(p + a, len(p), self.max_len) for p, a in zip(prompt_ids, tails)]
+        nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
+        for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "scoring", progress):
+            batch = self._pad([rows[i] for i in idx])
+            cand = np.full((self.batch_size, out.shape[1]), -1, np.int32)
+            score_at = np.zeros(self.batch_size, np.int32)
+            for r, i in enumerate(idx):
+                cand[r, : len(per_example[i])] = [ids[0] for ids in per_example[i]]
+                score_at[r] = max(rows[i]["prompt_len"] - 1, 0)
+            scores, lp, n = (
+                to_numpy(x) for x in run(params, adapters, batch, jnp.asarray(cand), jnp.asarray(score_at))
             )
-        return pad_batch(rows, pad_id=pad_id_of(self.tokenizer), buckets=buckets, batch_size=self.batch_size)
+            for r, i in enumerate(idx):
+                out[i, : len(per_example[i])] = scores[r, : len(per_example[i])]
+            nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
+        return out if answers is None else (out, nll, count)
+
+    def _score_sequences(self, params, adapters, prompt_ids, per_example, out, progress) -> None:
+        """Candidates of several tokens: every (prompt, candidate) pair is a row; fills ``out`` in place."""
+        run = self._program("sequence", adapters is not None)
+        pairs = [(i, j) for i, cs in enumerate(per_example) for j in range(len(cs))]
+        rows = [_row(prompt_ids[i] + per_example[i][j], len(prompt_ids[i]), self.max_len) for i, j in pairs]
+        for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "scoring", progress):
+            scores = to_numpy(run(params, adapters, self._pad([rows[p] for p in idx]))[0])
+            for r, p in enumerate(idx):
+                out[pairs[p]] = scores[r]
+
+    def _pad(self, rows):
+        """Rows (``input_ids`` = prompt + continuation, ``prompt_len``) as a bucketed batch for this model."""
+        sizes = dict(pad_id=pad_id_of(self.tokenizer), buckets=bucket_lengths(self.max_len), batch_size=self.batch_size)
+        if self.seq2seq:
+            return pad_seq2seq_batch(rows, decoder_start_id=decoder_start_id(self.model), **sizes)
+        return pad_batch(rows, **sizes)
 
     def _eos(self) -> int:
         tok = self.tokenizer
@@ -309,35 +271,17 @@ class Evaluator:
         self, params, adapters, prompts: Sequence[str], answers: Sequence[str], *, progress: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per example: (summed NLL of answer + eos, number of those tokens)."""
-        tokenizer = self.tokenizer
-        eos = pad_id_of(tokenizer) if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-        p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
-        rows = []
-        for p, a in zip(p_ids, a_ids):
-            ids, n = truncate(p + a + [eos], len(p), self.max_len)
-            rows.append({"input_ids": ids, "prompt_len": n})
+        eos = self._eos()
+        rows = [_row(p + a + [eos], len(p), self.max_len) for p, a in zip(self._ids(prompts), self._ids(answers))]
         run = self._program("sequence", adapters is not None)
         nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
-        order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
-        groups = _chunks(len(order), self.batch_size)
-        buckets = bucket_lengths(self.max_len)
-        for group in _progress(groups, len(groups), "answer NLL", progress):
-            idx = order[group]
-            batch = self._pad([rows[p] for p in idx], buckets)
-            lp, n = (to_numpy(x) for x in run(params, adapters, batch))
+        for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "answer NLL", progress):
+            lp, n = (to_numpy(x) for x in run(params, adapters, self._pad([rows[p] for p in idx])))
             nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
         return nll, count
 
-    def generate(
-        self, params, adapters, prompts: Sequence[str], *, max_new_tokens: int = 16, progress: bool = True
-    ) -> list[str]:
-        """Greedy continuations (text after the prompt, cut at eos), jitted with a KV cache.
-
-        Prompts are left-padded to a bucket length (at most ``max_len``, cut from the left), so few
-        shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...).
-        """
-        model, tokenizer = self.model, self.tokenizer
+    def _check_generation(self, max_new_tokens: int) -> None:
+        model = self.model
         if self.seq2seq:
             raise NotImplementedError(
                 f"greedy generation is implemented for causal LMs; {type(model).__name__} is an encoder-decoder: "
@@ -347,15 +291,27 @@ class Evaluator:
             raise TypeError(f"{type(model).__name__} has no init_cache; generate needs a Hugging Face Flax causal LM")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+    def _decode(self, tokens) -> str:
+        row, eos = tokens.tolist(), self.tokenizer.eos_token_id
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        return self.tokenizer.decode(row, skip_special_tokens=True)
+
+    def generate(
+        self, params, adapters, prompts: Sequence[str], *, max_new_tokens: int = 16, progress: bool = True
+    ) -> list[str]:
+        """Greedy continuations (text after the prompt, cut at eos), jitted with a KV cache.
+
+        Prompts are left-padded to a bucket length (at most ``max_len``, cut from the left), so few
+        shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...).
+        """
+        self._check_generation(max_new_tokens)
         run = self._program("greedy", adapters is not None, int(max_new_tokens))
-        ids = [p[-self.max_len :] for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
-        buckets = bucket_lengths(self.max_len)
+        ids = [p[-self.max_len :] for p in self._ids(prompts)]
+        pad, buckets = pad_id_of(self.tokenizer), bucket_lengths(self.max_len)
         texts: list[str] = [""] * len(ids)
-        order = np.argsort([-len(p) for p in ids], kind="stable")
-        groups = _chunks(len(order), self.batch_size)
-        for group in _progress(groups, len(groups), "generating", progress):
-            idx = order[group]
+        for idx in _longest_first([len(p) for p in ids], self.batch_size, "generating", progress):
             length = next(b for b in buckets if b >= max(len(ids[i]) for i in idx))
             tokens = np.full((self.batch_size, length), pad, np.int32)
             mask = np.zeros((self.batch_size, length), np.int32)
@@ -365,10 +321,7 @@ class Evaluator:
             mask[len(idx) :, -1] = 1  # filler rows attend to one token
             new = to_numpy(run(params, adapters, jnp.asarray(tokens), jnp.asarray(mask)))
             for r, i in enumerate(idx):
-                row = new[r].tolist()
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+                texts[i] = self._decode(new[r])
         return texts
 
     def evaluate(
@@ -385,63 +338,67 @@ class Evaluator:
     ) -> EvalResult:
         """Score a split (see ``evaluate``); ``answer_loss`` also measures the mean NLL per gold answer token
         (the fine-tuning loss on held-out data; for single-token choices from the same forward passes)."""
-        ds = getattr(task_split, "eval", task_split)
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        if not len(ds):
-            raise ValueError("the split is empty")
-        kinds = set(ds["kind"]) if "kind" in ds.column_names else set()
-        if len(kinds) != 1:
-            raise ValueError(
-                f"the split must hold one kind of example ('choice', 'number' or 'text'), found {sorted(kinds)}; "
-                "build it with lora_one_jax.data.load_task or data.from_records"
-            )
-        kind = kinds.pop()
+        ds, kind = _split_of(task_split, limit)
         start = time.perf_counter()
-        loss = None
         if kind == "choice":
-            choices = ds["choices"]
-            scores = self.score_choices(
-                params,
-                adapters,
-                ds["prompt"],
-                choices,
-                progress=progress,
-                answers=ds["answer"] if answer_loss else None,
-            )
-            if answer_loss:
-                scores, nll, count = scores
-                loss = float(nll.sum() / max(count.sum(), 1))
-            if length_normalize:
-                lengths = np.ones_like(scores)
-                for i, cs in enumerate(choices):
-                    lengths[i, : len(cs)] = [max(len(c.encode()), 1) for c in cs]
-                scores = scores / lengths
-            predictions = scores.argmax(-1).tolist()
-            correct = int(sum(p == gold for p, gold in zip(predictions, ds["label"])))
-            metric = "accuracy_norm" if length_normalize else "accuracy"
-            return EvalResult(
-                metric, correct / len(ds), correct, len(ds), time.perf_counter() - start, predictions, loss
-            )
-        if kind == "number":
-            texts = self.generate(params, adapters, ds["prompt"], max_new_tokens=max_new_tokens, progress=progress)
-            correct = int(sum(number_match(t, a) for t, a in zip(texts, ds["answer"])))
-            if answer_loss:
-                nll, count = self.answer_nll(params, adapters, ds["prompt"], ds["answer"], progress=progress)
-                loss = float(nll.sum() / max(count.sum(), 1))
-            return EvalResult(
-                "exact_match", correct / len(ds), correct, len(ds), time.perf_counter() - start, texts, loss
-            )
-        if kind == "text":
+            result = self._evaluate_choices(params, adapters, ds, length_normalize, answer_loss, progress)
+        elif kind == "number":
+            result = self._evaluate_numbers(params, adapters, ds, max_new_tokens, answer_loss, progress)
+        else:  # "text"
             nll, count = self.answer_nll(params, adapters, ds["prompt"], ds["answer"], progress=progress)
-            value = float(nll.sum() / max(count.sum(), 1))
-            return EvalResult(
-                "nll", value, None, len(ds), time.perf_counter() - start, (nll / np.maximum(count, 1)).tolist(), value
-            )
+            value = mean_nll(nll, count)
+            result = EvalResult("nll", value, None, len(ds), 0.0, (nll / np.maximum(count, 1)).tolist(), value)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _evaluate_choices(self, params, adapters, ds, length_normalize, answer_loss, progress) -> EvalResult:
+        choices, loss = ds["choices"], None
+        answers = ds["answer"] if answer_loss else None
+        scores = self.score_choices(params, adapters, ds["prompt"], choices, progress=progress, answers=answers)
+        if answer_loss:
+            scores, nll, count = scores
+            loss = mean_nll(nll, count)
+        if length_normalize:
+            lengths = np.ones_like(scores)
+            for i, cs in enumerate(choices):
+                lengths[i, : len(cs)] = [max(len(c.encode()), 1) for c in cs]
+            scores = scores / lengths
+        predictions = scores.argmax(-1).tolist()
+        correct = int(sum(p == gold for p, gold in zip(predictions, ds["label"])))
+        metric = "accuracy_norm" if length_normalize else "accuracy"
+        return EvalResult(metric, correct / len(ds), correct, len(ds), 0.0, predictions, loss)
+
+    def _evaluate_numbers(self, params, adapters, ds, max_new_tokens, answer_loss, progress) -> EvalResult:
+        texts = self.generate(params, adapters, ds["prompt"], max_new_tokens=max_new_tokens, progress=progress)
+        correct = int(sum(number_match(t, a) for t, a in zip(texts, ds["answer"])))
+        loss = None
+        if answer_loss:
+            loss = mean_nll(*self.answer_nll(params, adapters, ds["prompt"], ds["answer"], progress=progress))
+        return EvalResult("exact_match", correct / len(ds), correct, len(ds), 0.0, texts, loss)
+
+
+def _split_of(task_split, limit: int | None):
+    """``(dataset, kind)`` of a split (or a ``Task``'s eval split), its first ``limit`` examples."""
+    ds = getattr(task_split, "eval", task_split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if not len(ds):
+        raise ValueError("the split is empty")
+    kinds = set(ds["kind"]) if "kind" in ds.column_names else set()
+    if len(kinds) != 1:
+        raise ValueError(
+            f"the split must hold one kind of example ('choice', 'number' or 'text'), found {sorted(kinds)}; "
+            "build it with lora_one_jax.data.load_task or data.from_records"
+        )
+    kind = kinds.pop()
+    if kind not in ("choice", "number", "text"):
         raise ValueError(f"unknown example kind {kind!r}; expected 'choice', 'number' or 'text'")
+    return ds, kind
 
 
 # ----------------------------------------------------------------------------- functions
+# Each makes a temporary Evaluator(model, tokenizer, config, **sizes) (``sizes``: batch_size=16, max_len=512)
+# and calls its method of the same name: keep an Evaluator to evaluate one model repeatedly.
 
 
 def score_choices(
@@ -450,12 +407,11 @@ def score_choices(
     adapters,
     prompts: Sequence[str],
     choices: Sequence[Sequence[str]],
-    config: LoraConfig | None = None,
+    config=None,
     *,
     tokenizer,
-    batch_size: int = 16,
-    max_len: int = 512,
     progress: bool = True,
+    **sizes,
 ) -> np.ndarray:
     """Summed log-likelihood of each candidate continuation given its prompt: (n_prompts, max_choices)
     float32, ``-inf`` where an example has fewer choices (``Evaluator.score_choices``, compiled afresh).
@@ -466,7 +422,7 @@ def score_choices(
         >>> score_choices(model, params, None, ["Q:"], [[" a", " bc"]], tokenizer=tok, progress=False).shape
         (1, 2)
     """
-    ev = Evaluator(model, tokenizer, config, batch_size=batch_size, max_len=max_len)
+    ev = Evaluator(model, tokenizer, config, **sizes)
     return ev.score_choices(params, adapters, prompts, choices, progress=progress)
 
 
@@ -476,12 +432,11 @@ def answer_nll(
     adapters,
     prompts: Sequence[str],
     answers: Sequence[str],
-    config: LoraConfig | None = None,
+    config=None,
     *,
     tokenizer,
-    batch_size: int = 16,
-    max_len: int = 512,
     progress: bool = True,
+    **sizes,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per example: (summed NLL of answer + eos, number of those tokens) (``Evaluator.answer_nll``).
 
@@ -492,8 +447,9 @@ def answer_nll(
         >>> n.tolist()  # ' ', 'y', 'e', 's', eos
         [5]
     """
-    ev = Evaluator(model, tokenizer, config, batch_size=batch_size, max_len=max_len)
-    return ev.answer_nll(params, adapters, prompts, answers, progress=progress)
+    return Evaluator(model, tokenizer, config, **sizes).answer_nll(
+        params, adapters, prompts, answers, progress=progress
+    )
 
 
 def generate(
@@ -501,13 +457,12 @@ def generate(
     params,
     adapters,
     prompts: Sequence[str],
-    config: LoraConfig | None = None,
+    config=None,
     *,
     tokenizer,
     max_new_tokens: int = 16,
-    batch_size: int = 16,
-    max_len: int = 512,
     progress: bool = True,
+    **sizes,
 ) -> list[str]:
     """Greedy continuations (text after the prompt, cut at eos), jitted with a KV cache (``Evaluator.generate``).
 
@@ -521,7 +476,7 @@ def generate(
         >>> generate(model, params, None, ["The capital of"], tokenizer=tok, max_new_tokens=2)  # doctest: +SKIP
         [' Paris.']
     """
-    ev = Evaluator(model, tokenizer, config, batch_size=batch_size, max_len=max_len)
+    ev = Evaluator(model, tokenizer, config, **sizes)
     return ev.generate(params, adapters, prompts, max_new_tokens=max_new_tokens, progress=progress)
 
 
@@ -560,28 +515,15 @@ def number_match(prediction: str, gold: str) -> bool:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def evaluate(
-    model,
-    params,
-    adapters,
-    task_split,
-    config: LoraConfig | None = None,
-    *,
-    tokenizer,
-    batch_size: int = 16,
-    max_len: int = 512,
-    max_new_tokens: int = 16,
-    limit: int | None = None,
-    length_normalize: bool = False,
-    progress: bool = True,
-) -> EvalResult:
+def evaluate(model, params, adapters, task_split, config=None, *, tokenizer, **options) -> EvalResult:
     """Score a split of prompt/answer examples (see module doc); ``adapters=None`` is the base model.
 
     ``task_split`` is a ``datasets.Dataset`` with the ``lora_one_jax.data`` columns, or a ``Task``
-    (its ``eval`` split). ``config`` is the ``LoraConfig`` the adapters were made with. ``limit``
-    takes the first examples only. ``length_normalize`` divides each candidate's log-likelihood by
-    its length in UTF-8 bytes before comparing (lm-eval's ``acc_norm``; metric ``"accuracy_norm"``).
-    Returns an ``EvalResult`` (``print`` shows ``0.412 (412/1000)``).
+    (its ``eval`` split). ``config`` is the ``LoraConfig`` the adapters were made with. ``options``:
+    ``batch_size=16`` and ``max_len=512`` (``Evaluator``), ``limit`` (the first examples only),
+    ``max_new_tokens=16``, ``length_normalize=False`` (divide each candidate's log-likelihood by its length
+    in UTF-8 bytes before comparing: lm-eval's ``acc_norm``, metric ``"accuracy_norm"``), ``answer_loss``,
+    ``progress`` (``Evaluator.evaluate``). Returns an ``EvalResult`` (``print`` shows ``0.412 (412/1000)``).
 
     Example:
         >>> from lora_one_jax.models import load_model
@@ -590,13 +532,5 @@ def evaluate(
         >>> print(evaluate(model, params, None, load_task("boolq").eval, tokenizer=tok, limit=200))  # doctest: +SKIP
         0.435 (87/200)
     """
-    ev = Evaluator(model, tokenizer, config, batch_size=batch_size, max_len=max_len)
-    return ev.evaluate(
-        params,
-        adapters,
-        task_split,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        length_normalize=length_normalize,
-        progress=progress,
-    )
+    sizes = {k: options.pop(k) for k in ("batch_size", "max_len") if k in options}
+    return Evaluator(model, tokenizer, config, **sizes).evaluate(params, adapters, task_split, **options)

@@ -11,9 +11,10 @@ Three known defects (see STACK.md) are fixed here and nowhere else:
 * FlaxMistral with ``sliding_window=None`` (Mistral v0.2+, many fine-tunes) builds its causal mask as
   ``triu(causal, k=-0)``: every token attends only to itself. We rebuild the plain causal mask.
 
-``patch_transformers`` also tells ``with_lora`` that GPT-2's ``FlaxConv1D`` stores its kernel as
-(d_out, d_in). It runs when ``lora_one_jax.models`` is imported, and when the core meets an HF model
-(``with_lora``, ``estimate_gradient``) or is imported after transformers.
+Nothing is patched as a side effect of an import or of the core's functions: the loaders that build HF
+models (``load_model``, ``load_hf``, ``load_gguf``, ``toy_llama``, ``toy_t5``) call ``patch_transformers()``;
+call it yourself before building an HF Flax model with transformers directly. It is idempotent without
+global state: every replaced attribute carries a marker, and a marked attribute is left alone.
 
 Example:
     >>> from lora_one_jax.models.compat import patch_transformers
@@ -28,7 +29,8 @@ import types
 import jax.numpy as jnp
 import numpy as np
 
-_PATCHED = False
+#: The attribute that marks what ``patch_transformers`` put in place (so a second call changes nothing).
+_MARK = "_lora_one_jax_fix"
 
 
 def _clip(a, a_min=None, a_max=None, *, min=None, max=None, **kwargs):
@@ -86,17 +88,26 @@ def _mistral_attention_setup(original_setup):
     return setup
 
 
-def patch_transformers() -> None:
-    """Apply the fixes above to transformers' Flax models, once."""
-    global _PATCHED
-    if _PATCHED:
+def _replace(owner, name: str, new) -> None:
+    """``owner.name = new`` marked as ours, unless ``owner.name`` already is ours."""
+    if getattr(getattr(owner, name), _MARK, False):
         return
-    from lora_one_jax.transform import TRANSPOSED_MODULES
+    setattr(new, _MARK, True)
+    setattr(owner, name, new)
 
-    TRANSPOSED_MODULES.add("FlaxConv1D")
-    proxy = _JnpWithOldClip()
+
+def patch_transformers() -> None:
+    """Apply the fixes above to transformers' Flax models (idempotent; imports transformers).
+
+    Example:
+        >>> from transformers.models.llama import modeling_flax_llama
+        >>> patch_transformers()
+        >>> patch_transformers()  # a second call changes nothing
+        >>> getattr(modeling_flax_llama.FlaxLlamaRotaryEmbedding.setup, _MARK)
+        True
+    """
     for name in ("transformers.models.t5.modeling_flax_t5", "transformers.models.longt5.modeling_flax_longt5"):
-        importlib.import_module(name).jnp = proxy
+        _replace(importlib.import_module(name), "jnp", _JnpWithOldClip())
     hidden_over_heads = lambda c: c.hidden_size // c.num_attention_heads
     rotary = {
         "llama": ("FlaxLlamaRotaryEmbedding", hidden_over_heads),
@@ -105,7 +116,6 @@ def patch_transformers() -> None:
     }
     for family, (cls_name, head_dim_of) in rotary.items():
         module = importlib.import_module(f"transformers.models.{family}.modeling_flax_{family}")
-        getattr(module, cls_name).setup = _rotary_setup(head_dim_of)
-    mistral = importlib.import_module("transformers.models.mistral.modeling_flax_mistral")
-    mistral.FlaxMistralAttention.setup = _mistral_attention_setup(mistral.FlaxMistralAttention.setup)
-    _PATCHED = True
+        _replace(getattr(module, cls_name), "setup", _rotary_setup(head_dim_of))
+    attention = importlib.import_module("transformers.models.mistral.modeling_flax_mistral").FlaxMistralAttention
+    _replace(attention, "setup", _mistral_attention_setup(attention.setup))

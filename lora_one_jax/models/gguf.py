@@ -28,6 +28,7 @@ import numpy as np
 
 from lora_one_jax.models.compat import patch_transformers
 from lora_one_jax.models.tokenizer import bpe_tokenizer
+from lora_one_jax.sharding import leaf_placer
 
 _LAYER_NAMES = {
     "attn_norm.weight": ("input_layernorm", "weight"),
@@ -183,9 +184,6 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, mes
     names = {t.name for t in reader.tensors}
     config = _llama_config(meta, tied="output.weight" not in names)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-
-    from lora_one_jax.models.loaders import leaf_placer
-
     put = leaf_placer(dtype, mesh, rules)
     params: dict = {"model": {"layers": {}}}
     embedding = None  # a host copy for a tied lm_head

@@ -37,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lora_one_jax.config import pytorch_name
 from lora_one_jax.models.assets import asset_path, cache_dir, publish_folder
 from lora_one_jax.models.compat import patch_transformers
 from lora_one_jax.models.gguf import load_gguf
 from lora_one_jax.models.tokenizer import toy_tokenizer
+from lora_one_jax.sharding import leaf_placer
 
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
@@ -235,38 +237,6 @@ def _safetensors_format(path: Path) -> str | None:
         return (f.metadata() or {}).get("format")
 
 
-def leaf_placer(dtype, mesh=None, rules=None):
-    """``put(path, host_array) -> jax.Array``: cast floating leaves to ``dtype`` and place each one on its own,
-    into its ``rules`` sharding over ``mesh`` when given (so a sharded model is never whole on one device).
-
-    Example:
-        >>> put = leaf_placer(jnp.bfloat16)
-        >>> put("lm_head/kernel", np.ones((2, 3), np.float32)).dtype
-        dtype(bfloat16)
-    """
-    from jax.sharding import NamedSharding
-
-    from lora_one_jax.sharding import LLAMA_RULES, place, spec_for
-
-    def put(path: str, x):
-        x = np.asarray(x)
-        if np.issubdtype(x.dtype, np.floating):
-            x = x.astype(jnp.dtype(dtype))
-        if mesh is None:
-            return jnp.asarray(x)
-        return place(x, NamedSharding(mesh, spec_for(path, x.shape, rules or LLAMA_RULES, mesh)))
-
-    return put
-
-
-def _pt_name(path: str, ndim: int) -> str:
-    """The PyTorch state-dict name of a Flax param path (as ``lora_one_jax.export.pytorch_state_dict`` writes it)."""
-    *prefix, leaf = path.split("/")
-    if leaf in ("kernel", "embedding", "scale"):
-        leaf = "weight"
-    return ".".join([*prefix, leaf])
-
-
 def _stream_pt_safetensors(cls, path: Path, config, dtype, put):
     """PyTorch-written safetensors -> Flax params, tensor by tensor, without random init and without torch.
 
@@ -279,7 +249,7 @@ def _stream_pt_safetensors(cls, path: Path, config, dtype, put):
     model_cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     model = model_cls(config, dtype=dtype, _do_init=False)
     expected = traverse_util.flatten_dict(model.params_shape_tree, sep="/")
-    by_name = {_pt_name(p, len(s.shape)): p for p, s in expected.items()}
+    by_name = {pytorch_name(p): p for p in expected}
     prefix = getattr(model, "base_model_prefix", "") + "."
     flat = {}
     with safe_open(str(path), framework="numpy") as f:
@@ -397,6 +367,43 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 KNOWN_MODELS = ("smollm2-135m", "minilm-l6", "toy-llama", "toy-t5")
+
+#: The Hugging Face hub repository each known model's weights came from (None: random toy weights).
+HUB_IDS: dict[str, str | None] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "toy-llama": None,
+    "toy-t5": None,
+}
+
+
+def hub_id(spec: str | os.PathLike) -> str | None:
+    """Where PyTorch (transformers, PEFT's ``base_model_name_or_path``) can load the base model of ``spec``.
+
+    A known name gives the hub repository its weights came from (``HUB_IDS``; None for the random toy
+    models); a local Hugging Face folder its absolute path; a hub id (``"org/name"``) itself; a ``.gguf``
+    file None (PyTorch has no id for it: pass the base model yourself when loading the adapter).
+
+    Example:
+        >>> hub_id("smollm2-135m")
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+        >>> hub_id("toy-llama") is None, hub_id("Qwen/Qwen2.5-0.5B")
+        (True, 'Qwen/Qwen2.5-0.5B')
+    """
+    name = os.fspath(spec)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.suffix == ".gguf" and path.is_file():
+        return None
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")) and not path.exists():
+        return name
+    raise ValueError(
+        f"model {name!r} is neither a known name ({', '.join(KNOWN_MODELS)}), a local folder, a .gguf file "
+        "nor a hub id 'org/name'"
+    )
 
 
 def load_model(
