@@ -482,3 +482,88 @@ def nnx_forward(model) -> Callable:
     """
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return lambda params, batch: logits_of(nnx.merge(graphdef, params, rest)(*tunix_inputs(batch)))
+
+
+# ----------------------------------------------------------------------------- sharding over the user's mesh
+
+
+def param_spec(var, mesh):
+    """The ``PartitionSpec`` a Variable's own sharding metadata (``out_sharding`` / ``sharding``: tunix's
+    ``('fsdp', 'tp', None)``) gives it on ``mesh``: axis names the mesh lacks, or sizes that do not divide, are
+    left replicated.
+
+    Example:
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+        >>> param_spec(nnx.Param(jnp.zeros((4, 6)), out_sharding=("fsdp", "data"), eager_sharding=False), mesh)
+        P('fsdp',)
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from lora_one_jax.sharding import fit_spec
+
+    meta = var.get_metadata()
+    names = meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names") or ()
+    names = [n if isinstance(n, str) and n in mesh.axis_names else None for n in names]
+    return fit_spec(P(*names), tuple(np.shape(var.get_value())), mesh)
+
+
+def shard_nnx(params, mesh):
+    """``params`` (an NNX state) with every value placed on ``mesh`` by its Variable's sharding metadata.
+
+    Example:
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("fsdp", "tp"))
+        >>> _, p, _ = nnx_split(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+        >>> shard_nnx(p, mesh)["kernel"].get_value().shape
+        (8, 4)
+    """
+    from jax.sharding import NamedSharding
+
+    from lora_one_jax.sharding import place
+
+    flat = [
+        (keys, var.replace(value=place(var.get_value(), NamedSharding(mesh, param_spec(var, mesh)))))
+        for keys, var in params.flat_state()
+    ]
+    return nnx.State.from_flat_path(flat)
+
+
+def _merged_entry(entries) -> Any:
+    """One spec entry for axes flattened into one: the major axis's, if every other is whole."""
+    head, *tail = list(entries) or [None]
+    return head if all(e is None for e in tail) else None
+
+
+def adapter_specs_nnx(params, targets, mesh) -> dict:
+    """Adapter PartitionSpecs derived from each targeted kernel's (``param_spec``): A ``P(kernel d_in, None)``, B
+    ``P(None, kernel d_out)``, where the d_in / d_out of an N-D kernel keep the sharding of its leading axis.
+
+    Example:
+        >>> from jax.sharding import Mesh
+        >>> mesh = Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("fsdp", "tp"))
+        >>> _, p, _ = nnx_split(nnx.Einsum("btd,dnh->btnh", (8, 2, 4), rngs=nnx.Rngs(0)))
+        >>> tunix_like = dict(out_sharding=("fsdp", "tp", None), eager_sharding=False)
+        >>> p = nnx.State.from_flat_path([(k, v.replace(**tunix_like)) for k, v in p.flat_state()])
+        >>> adapter_specs_nnx(p, lj.find_targets(p, lj.LoraConfig(rank=2)), mesh)[""]["a"]
+        P('fsdp',)
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from lora_one_jax.sharding import fit_spec
+
+    ks = kernels(params)
+    out = {}
+    for path, t in targets.items():
+        k = ks[path]
+        node = params
+        for key in k.keys:
+            node = node[key]
+        spec = tuple(param_spec(node, mesh)) + (None,) * len(k.shape)
+        rest = [i for i in range(len(k.shape)) if i not in k.in_axes]
+        d_in, d_out = _merged_entry(spec[i] for i in k.in_axes), _merged_entry(spec[i] for i in rest)
+        out[path] = {
+            "a": fit_spec(P(d_in, None), (t.d_in, t.rank), mesh),
+            "b": fit_spec(P(None, d_out), (t.rank, t.d_out), mesh),
+        }
+    return out

@@ -278,3 +278,41 @@ def test_smollm2_through_nnx_equals_linen():
     for path, ad in ad_nnx.items():
         linen_path = tunix.hf_name(path)
         assert _rel(ad["a"] @ ad["b"], ad_linen[linen_path]["a"] @ ad_linen[linen_path]["b"]) < 1e-3, path
+
+
+def test_sharded_over_a_tunix_mesh_and_inside_set_mesh():
+    from jax.sharding import Mesh
+
+    from lora_one_jax.sharding import adapter_specs, make_mesh, shard_params
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 simulated devices conftest.py sets up")
+    mesh = Mesh(
+        np.asarray(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    model, params = tunix.toy_tunix("llama3", num_layers=4)
+    sharded = shard_params(params, mesh)
+    q = sharded["layers"][0]["attn"]["q_proj"]["w"].get_value()
+    assert tuple(q.sharding.spec) == ("fsdp", "tp") and not q.sharding.is_fully_replicated
+    cfg = lj.LoraConfig(rank=2)
+    specs = adapter_specs(sharded, cfg, (), mesh)
+    assert specs["layers/0/attn/q_proj"] == {"a": jax.P("fsdp"), "b": jax.P(None, "tp")}
+    assert specs["layers/0/attn/o_proj"] == {"a": jax.P("tp"), "b": jax.P(None, "fsdp")}
+    batches = [_batch(seed) for seed in range(4)]
+    loss_fn = lj.full_loss_fn(model)
+    g_one = lj.estimate_gradient(loss_fn, params, batches, cfg, progress=False)
+    g_mesh = lj.estimate_gradient(loss_fn, sharded, batches, cfg, progress=False)
+    assert not g_mesh["layers/0/mlp/up_proj"].sharding.is_fully_replicated
+    for path in g_one:
+        assert _rel(g_mesh[path], g_one[path]) < 1e-4, path
+    one = lj.spectral_init(g_one, cfg, svd="exact")
+    runs = {"tunix mesh": lj.spectral_init(g_mesh, cfg, svd="exact")}
+    ours = make_mesh(2, 2, 2)
+    with jax.set_mesh(mesh):
+        runs["tunix mesh, set_mesh"] = lj.spectral_init(g_mesh, cfg, svd="exact")
+    g_ours = {p: jax.device_put(g, jax.NamedSharding(ours, jax.P("fsdp", "tensor"))) for p, g in g_one.items()}
+    with jax.set_mesh(ours):
+        runs["make_mesh(2, 2, 2), set_mesh"] = lj.spectral_init(g_ours, cfg, svd="exact")
+    for name, adapters in runs.items():
+        for path, ad in adapters.items():
+            assert _rel(ad["a"] @ ad["b"], one[path]["a"] @ one[path]["b"]) < 1e-3, (name, path)
