@@ -412,6 +412,7 @@ def with_lora_nnx(model, config, *, targets=None) -> Callable[..., Any]:
     """``with_lora`` for an ``nnx.Module``: ``apply(params, adapters, *args, lora_rng=None, **kwargs)`` calls
     ``model(*args, **kwargs)`` on a merged copy (``nnx.merge(graphdef, params, rest)``) whose targeted layers
     add the adapters. ``model`` itself is never mutated; ``rest`` (non-Param state) is taken from it once.
+    Gradients flow to the adapters only: the base ``params`` are frozen (``jax.lax.stop_gradient``).
 
     Example:
         >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
@@ -436,7 +437,9 @@ def with_lora_nnx(model, config, *, targets=None) -> Callable[..., Any]:
             )
         resolved = find_targets(params, config) if targets is None else targets
         check_adapters(adapters, resolved)
-        copy = nnx.merge(graphdef, params, rest)
+        # the base is frozen (stop_gradient): its Variables then live at the caller's trace level, which nnx.remat
+        # inside the model (tunix's RematConfig) needs when differentiating w.r.t. the adapters alone
+        copy = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), rest)
         attach(copy, adapters, resolved, config, lora_rng=lora_rng)
         return copy(*args, **kwargs)
 

@@ -393,3 +393,86 @@ def hf_modules(path: str) -> tuple[str, ...]:
     if m is None:
         return (hf_name(path),)
     return tuple(f"model/layers/{m.group(1)}/self_attn/{c}_proj" for c in m.group(2))
+
+
+def load_peft_nnx(folder, family: str = "llama3"):
+    """``(adapters, config)`` from a PEFT adapter folder, keyed by tunix module paths (``load_peft`` +
+    ``from_hf_adapters``); the config targets exactly those modules.
+
+    Example:
+        >>> adapters, config = load_peft_nnx("path/to/peft-adapter")  # doctest: +SKIP
+    """
+    import dataclasses
+
+    from lora_one_jax.export import load_peft
+
+    hf_adapters, config = load_peft(folder)
+    adapters = from_hf_adapters(hf_adapters, family)
+    by_hf = {re.escape(p): re.escape(nnx_path(p, family)) for p in hf_adapters}
+    return adapters, dataclasses.replace(
+        config,
+        targets="|".join(re.escape(p) for p in sorted(adapters)),
+        rank_pattern=tuple((by_hf.get(k, k), v) for k, v in config.rank_pattern),
+        alpha_pattern=tuple((by_hf.get(k, k), v) for k, v in config.alpha_pattern),
+    )
+
+
+def hf_config(model):
+    """A transformers ``LlamaConfig`` / ``Qwen3Config`` describing a tunix Llama 3 / Qwen 3 model.
+
+    Example:
+        >>> model, _ = toy_tunix("qwen3")
+        >>> type(hf_config(model)).__name__, hf_config(model).head_dim
+        ('Qwen3Config', 8)
+    """
+    import transformers
+
+    c = model.config
+    name = type(model).__name__
+    if name not in ("Llama3", "Qwen3"):
+        raise NotImplementedError(f"no Hugging Face config for tunix {name} here (Llama3 and Qwen3 only)")
+    tied = c.weight_tying if name == "Llama3" else c.use_tied_embedding
+    cls = transformers.LlamaConfig if name == "Llama3" else transformers.Qwen3Config
+    return cls(
+        vocab_size=c.vocab_size,
+        hidden_size=c.embed_dim,
+        intermediate_size=c.hidden_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rope_theta=float(c.rope_theta),
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=bool(tied),
+        architectures=["LlamaForCausalLM" if name == "Llama3" else "Qwen3ForCausalLM"],
+    )
+
+
+def save_pretrained_nnx(folder, model, params, tokenizer=None):
+    """Write tunix ``params`` (e.g. ``lj.merge(params, adapters, config)``) as a Hugging Face model folder
+    (``model.safetensors`` + ``config.json``) that ``transformers`` loads in PyTorch.
+
+    Example:
+        >>> import tempfile
+        >>> model, params = toy_tunix("llama3")
+        >>> sorted(p.name for p in save_pretrained_nnx(tempfile.mkdtemp(), model, params).iterdir())
+        ['config.json', 'model.safetensors']
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model)
+    state = hf_state_dict(params)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
