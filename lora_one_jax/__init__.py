@@ -18,7 +18,13 @@ from lora_one_jax.adapters import (
     unstack_adapters,
 )
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, linear_kernels, matches
-from lora_one_jax.diagnostics import alignment, subspace_angles
+from lora_one_jax.diagnostics import (
+    alignment,
+    alignment_summary,
+    gradient_stability,
+    gradient_subspaces,
+    subspace_angles,
+)
 from lora_one_jax.gradient import estimate_gradient
 from lora_one_jax.losses import (
     causal_lm_loss,
@@ -35,6 +41,7 @@ from lora_one_jax.methods import INITS, METHODS, Init, Method, init_adapters
 from lora_one_jax.nnx import nnx_split
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
+from lora_one_jax.step_size import GammaChoice, choose_gamma, rescale, unit_spectral_init
 from lora_one_jax.svd import best_rank, principal_angles, top_svd
 from lora_one_jax.transform import lora_delta, with_lora
 
@@ -69,8 +76,16 @@ __all__ = [
     "pissa_init",
     "precondition_pair",
     "spectral_init",
+    # LoRA-One's own step (init.gamma: auto)
+    "GammaChoice",
+    "choose_gamma",
+    "rescale",
+    "unit_spectral_init",
     # linear algebra and diagnostics
     "alignment",
+    "alignment_summary",
+    "gradient_stability",
+    "gradient_subspaces",
     "best_rank",
     "principal_angles",
     "subspace_angles",

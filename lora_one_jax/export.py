@@ -90,11 +90,11 @@ def check_adapter_values(adapters: Adapters, action: str = "use") -> Adapters:
 
 
 def _check_array(x, where: str, action: str) -> None:
-    dtype = np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype)
+    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     if not np.issubdtype(dtype, np.floating) and dtype.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         raise ValueError(
             f"cannot {action} adapters: {where} has dtype {dtype.name}, not floating point; adapters are float "
-            "(cast them, e.g. x.astype(np.float32), if the integer values are really meant)"
+            "(cast them with x.astype(np.float32) if these values are really meant)"
         )
     if _is_tracer(x):
         return

@@ -4,8 +4,9 @@ JAX's own sharding is the distributed engine: arrays carry a ``NamedSharding`` o
 and ``jax.jit`` partitions the computation (GSPMD). This module only decides *where* things live:
 
 * ``make_mesh(data=None, fsdp=1, tensor=1)``: a mesh with axes ``("data", "fsdp", "tensor")`` (the
-  unspecified ``data`` size is inferred from the device count), axis types ``Auto`` (see STACK.md: the
-  default Explicit types break HF models' gathers and ``jnp.linalg``).
+  unspecified ``data`` size is inferred from the device count), axis types ``Auto`` (with jax 0.10's
+  default Explicit types, HF models' embedding gathers and ``jnp.linalg.svd`` of sharded inputs raise
+  ``ShardingTypeError``).
 * Partition rules: ``((path regex, PartitionSpec), ...)``, the first regex that ``fullmatch``-es a
   param's '/'-joined path wins. ``LLAMA_RULES`` shard a Llama-family model FSDP over ``fsdp`` and
   tensor-parallel (Megatron-style) over ``tensor``; add rules for another family the same way (see the
@@ -32,7 +33,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_one_jax.config import Adapters, LoraConfig, find_targets, kernel_key
+from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
 from lora_one_jax.nnx import adapter_specs_nnx, is_nnx_state, shard_nnx
 
 AXES = ("data", "fsdp", "tensor")
@@ -148,20 +149,24 @@ def shard_params(params, mesh: Mesh, rules: Rules = LLAMA_RULES):
     )
 
 
-def adapter_specs(params, config: LoraConfig, rules: Rules, mesh: Mesh) -> dict[str, dict[str, P]]:
+def adapter_specs(
+    params, config: LoraConfig, rules: Rules, mesh: Mesh, *, targets: dict[str, Target] | None = None
+) -> dict[str, dict[str, P]]:
     """Adapter PartitionSpecs derived from each targeted kernel's: A ``P(kernel d_in, None)``, B
-    ``P(None, kernel d_out)`` (for kernels stored (d_out, d_in) the two swap).
+    ``P(None, kernel d_out)`` (for kernels stored (d_out, d_in) the two swap). ``targets``:
+    ``find_targets(params, config)`` when the caller already has it.
 
     Example:
         >>> p = {"mlp": {"up_proj": {"kernel": np.zeros((8, 16))}}}
         >>> adapter_specs(p, LoraConfig(rank=2), LLAMA_RULES, make_mesh())["mlp/up_proj"]
         {'a': P('fsdp',), 'b': P(None, 'tensor')}
     """
+    targets = find_targets(params, config) if targets is None else targets
     if is_nnx_state(params):  # an NNX model's params: specs from the kernels' own sharding metadata (rules unused)
-        return adapter_specs_nnx(params, find_targets(params, config), mesh)
+        return adapter_specs_nnx(params, targets, mesh)
     flat = traverse_util.flatten_dict(params, sep="/")
     out = {}
-    for path, t in find_targets(params, config).items():
+    for path, t in targets.items():
         spec = tuple(spec_for(kernel_key(path), np.shape(flat[kernel_key(path)]), rules, mesh)) + (None, None)
         d_in, d_out = (spec[1], spec[0]) if t.transposed else (spec[0], spec[1])
         out[path] = {

@@ -54,7 +54,7 @@ def _gamma(gamma) -> float:
         raise TypeError(f"gamma must be a real number (e.g. 128.0), got {gamma!r} ({type(gamma).__name__})")
     value = float(gamma)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"gamma must be finite and > 0 (e.g. 128.0), got {value!r}")
+        raise ValueError(f"gamma must be a finite number > 0 (e.g. 128.0), got {value!r}")
     return value
 
 

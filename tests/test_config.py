@@ -115,3 +115,12 @@ def test_patterns_that_match_nothing_are_rejected():
 
 def test_config_is_hashable_for_static_args():
     assert hash(lj.LoraConfig(rank=2, targets=["q_proj"], rank_pattern={"q_proj": 2})) is not None
+
+
+def test_pytorch_names_and_pattern_keys_have_one_helper_each():
+    assert lj.config.pytorch_name("transformer/h/0/attn/c_attn/kernel") == "transformer.h.0.attn.c_attn.weight"
+    assert lj.config.pytorch_name("model/embed_tokens/embedding") == "model.embed_tokens.weight"
+    assert lj.config.pytorch_name("encoder/layer_norm/bias") == "encoder.layer_norm.bias"
+    assert lj.config.key_matches("layers/0/.*", "model/layers/0/mlp/up_proj")
+    assert not lj.config.key_matches("layers/0/.*", "model/layers/10/mlp/up_proj")
+    assert not lj.config.key_matches("up", "model/layers/0/mlp/up_proj")  # a key matches whole names only

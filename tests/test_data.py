@@ -208,6 +208,7 @@ def test_tfds_data_source_without_tensorflow(tmp_path):
         kind="number",
     )
     assert (len(task.train), len(task.eval)) == (12, 3)
+    assert task.fingerprint == "tfds:lora_one_tiny_arith/1.0.0:test=3,train=12"  # the builder's version and sizes
     assert sorted(task.eval["answer"]) == [" 13", " 14", " 15"]
     assert "Question: What is 12 + 1?\nAnswer:" in list(task.eval["prompt"])
     assert list((tmp_path / "data" / "lora_one_tiny_arith").rglob("*.array_record*"))

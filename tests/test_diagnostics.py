@@ -15,6 +15,7 @@ from lora_one_jax.diagnostics import (
     alignment_summary,
     gradient_stability,
     gradient_subspaces,
+    gram_principal_angles,
     summarize_angles,
 )
 
@@ -113,3 +114,28 @@ def test_nan_inputs_are_errors():
         alignment_summary(ad, sub)
     with pytest.raises(ValueError, match="no gradient subspaces"):
         alignment_summary({"elsewhere": ad["layer0/q"]}, sub)
+
+
+@pytest.mark.parametrize(("m", "k", "r"), [(40, 3, 3), (40, 5, 3), (40, 2, 4), (300, 8, 8)])
+def test_gram_principal_angles_matches_principal_angles(m, k, r):
+    rng = np.random.default_rng(m + k + r)
+    basis = np.linalg.qr(rng.normal(size=(m, r)))[0]
+    x = rng.normal(size=(m, k)) @ np.diag(np.geomspace(1.0, 1e-3, k))  # unevenly scaled columns
+    np.testing.assert_allclose(gram_principal_angles(x, basis), lj.principal_angles(x, basis), atol=1e-6)
+    np.testing.assert_allclose(gram_principal_angles(basis, x), lj.principal_angles(basis, x), atol=1e-6)
+    # a subspace tilted by tiny known angles: accurate to ~1e-4 degrees
+    tilt = np.radians([1e-2, 0.5, 3.0])[: min(r, 3)]
+    z = rng.normal(size=(m, tilt.size))
+    outside = np.linalg.qr(z - basis @ (basis.T @ z))[0]  # orthonormal, orthogonal to the basis
+    y = (basis[:, : tilt.size] * np.cos(tilt) + outside * np.sin(tilt)) @ rng.normal(size=(tilt.size, tilt.size))
+    np.testing.assert_allclose(gram_principal_angles(y, basis)[: tilt.size], np.degrees(tilt), atol=1e-6)
+
+
+def test_gram_principal_angles_rank_deficient_counts_90():
+    basis = np.eye(6)[:, :2]
+    x = np.zeros((6, 2))
+    assert gram_principal_angles(x, basis).tolist() == [90.0, 90.0]
+    x[:, 0] = np.eye(6)[0]  # one direction, inside
+    np.testing.assert_allclose(gram_principal_angles(x, basis), [0.0, 90.0], atol=1e-7)
+    with pytest.raises(ValueError, match="matrices"):
+        gram_principal_angles(np.ones(6), basis)

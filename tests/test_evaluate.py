@@ -293,3 +293,16 @@ def test_answer_loss_comes_with_the_scores_and_equals_answer_nll(toy, choices):
     assert plain.answer_loss is None and with_loss.predictions == plain.predictions
     nll, count = ev.answer_nll(params, None, split["prompt"], split["answer"], progress=False)
     assert with_loss.answer_loss == pytest.approx(float(nll.sum() / count.sum()), rel=1e-5)
+
+
+def test_one_helper_for_the_model_kind_and_the_mean_nll(toy):
+    import lora_one_jax as lj
+    from lora_one_jax.models import toy_t5
+
+    t5, _, t5_tok = toy_t5()
+    assert lj.is_encoder_decoder(t5) and lj.decoder_start_id(t5) == t5_tok.pad_token_id
+    assert not lj.is_encoder_decoder(toy[0]) and lj.decoder_start_id(toy[0]) is None
+    nll, count = np.array([3.5, 0.0, 7.25]), np.array([2, 0, 5])
+    assert lj.mean_nll(nll, count) == 10.75 / 7 and lj.mean_nll(nll[1:2], count[1:2]) == 0.0
+    traced = jax.jit(lj.mean_nll)(jnp.asarray(nll, jnp.float32), jnp.asarray(count))
+    np.testing.assert_allclose(float(traced), 10.75 / 7, rtol=1e-6)

@@ -1,5 +1,6 @@
 """init_adapters(method=...): LoRA-One on a tiny HF FlaxLlama, PiSSA and LoRA-GA against numpy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +134,91 @@ def test_dispatch_errors_and_lora_still_works():
         lj.init_adapters(params, cfg, key=jax.random.key(0), method="lora-one", grads={"fc": jnp.ones((3, 4))})
     with pytest.raises(ValueError, match="missing \\['fc'\\]"):
         lj.init_adapters(params, cfg, key=jax.random.key(0), method="lora-one", grads={"other": jnp.ones((4, 3))})
+
+
+# ----------------------------------------------------------------------------- the registry of methods
+
+
+def test_methods_registry_names_and_properties():
+    assert {n: (m.init, m.preconditioned) for n, m in lj.METHODS.items()} == {
+        "lora": ("lora", False),
+        "lora-one-init": ("lora-one", False),
+        "lora-one": ("lora-one", True),
+        "lora-precond": ("lora", True),
+        "pissa": ("pissa", False),
+        "lora-ga": ("lora-ga", False),
+        "full": (None, False),
+    }
+    assert all(name == m.name for name, m in lj.METHODS.items())
+    assert sorted(n for n, m in lj.METHODS.items() if m.needs_gradient) == ["lora-ga", "lora-one", "lora-one-init"]
+    assert sorted(n for n, m in lj.METHODS.items() if m.residual_base) == ["lora-ga", "pissa"]
+    with pytest.raises(ValueError, match="unknown init method 'dora'"):
+        lj.Method("dora", "dora", False)
+
+
+@pytest.mark.parametrize("init", sorted(lj.INITS))
+def test_every_init_keeps_the_merged_model_where_its_registry_entry_says(init):
+    """A residual-base init moves scale * A0 @ B0 out of the base (merged == original); the others keep the base
+    object itself; the gradient inits need grads=."""
+    rng = np.random.default_rng(3)
+    params = {"fc": {"kernel": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)}}
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets=["fc"])
+    entry = lj.INITS[init]
+    options = {"grads": {"fc": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)}} if entry.needs_gradient else {}
+    base, ad = lj.init_adapters(params, cfg, key=jax.random.key(0), method=init, **options)
+    assert (base is not params) == entry.residual_base
+    product = cfg.scale_for("fc") * np.asarray(ad["fc"]["a"] @ ad["fc"]["b"])
+    assert (np.abs(product).max() > 1e-3) == (init != "lora")  # only PEFT's init starts at A @ B = 0
+    np.testing.assert_allclose(lj.merge(base, ad, cfg)["fc"]["kernel"] - product * (not entry.residual_base),
+                               params["fc"]["kernel"], atol=1e-5)  # fmt: skip
+
+
+def test_a_new_method_is_one_entry_plus_its_init(monkeypatch):
+    def zeros(params, targets, config, *, key, value=0.0):
+        return {p: {"a": jnp.full((t.d_in, t.rank), value), "b": jnp.full((t.rank, t.d_out), value)}
+                for p, t in targets.items()}  # fmt: skip
+
+    monkeypatch.setitem(lj.INITS, "const", lj.Init(zeros, needs_gradient=False, residual_base=True, options=("value",)))
+    monkeypatch.setitem(lj.METHODS, "const", lj.Method("const", "const", preconditioned=True))
+    params = {"fc": {"kernel": jnp.ones((3, 2))}}
+    cfg = lj.LoraConfig(rank=1, alpha=1.0, targets=["fc"])
+    base, ad = lj.init_adapters(params, cfg, key=jax.random.key(0), method=lj.METHODS["const"].init, value=0.5)
+    np.testing.assert_allclose(base["fc"]["kernel"], np.full((3, 2), 0.75))  # 1 - 0.5 * 0.5: the residual base
+    assert lj.METHODS["const"].residual_base and not lj.METHODS["const"].needs_gradient
+
+
+# ----------------------------------------------------------------------------- find_targets once
+
+
+def test_resolved_targets_are_passed_along_and_give_the_same_results(monkeypatch):
+    import lora_one_jax.adapters
+    import lora_one_jax.gradient
+    import lora_one_jax.methods
+    import lora_one_jax.sharding
+    import lora_one_jax.transform
+
+    rng = np.random.default_rng(4)
+    model = nn.Dense(5, name="fc")
+    params = {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32), "bias": jnp.zeros(5)}
+    x = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
+    cfg = lj.LoraConfig(rank=2, targets=".*")
+    loss_fn = lambda p, batch: jnp.mean(model.apply({"params": p}, batch) ** 2)
+
+    def everything(targets):
+        grads = lj.estimate_gradient(loss_fn, params, [x, 2 * x], cfg, progress=False, targets=targets)
+        base, ad = lj.init_adapters(params, cfg, key=jax.random.key(0), method="lora-ga", grads=grads, targets=targets)
+        out = lj.with_lora(model, cfg, targets=targets)({"params": base}, ad, x)
+        merged = lj.merge(base, ad, cfg, targets=targets)
+        specs = lora_one_jax.sharding.adapter_specs(params, cfg, (), lora_one_jax.sharding.make_mesh(), targets=targets)
+        return grads, out, merged, lj.unmerge(merged, ad, cfg, targets=targets), specs
+
+    want = everything(None)
+    targets = lj.find_targets(params, cfg)
+    calls = []
+    for module in (lora_one_jax.adapters, lora_one_jax.gradient, lora_one_jax.methods, lora_one_jax.sharding,
+                   lora_one_jax.transform):  # fmt: skip
+        monkeypatch.setattr(module, "find_targets", lambda *a, **k: calls.append(a) or lj.find_targets(*a, **k))
+    got = everything(targets)
+    assert calls == []
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got[:4], want[:4])
+    assert got[4] == want[4]

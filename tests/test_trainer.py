@@ -18,6 +18,7 @@ import lora_one_jax as lj
 from lora_one_jax.export import load_adapters
 from lora_one_train import checkpoint as ckpt_mod
 from lora_one_train.config import CONFIG_DIR, METHODS, ConfigError, RunConfig, load_config, parse_overrides
+from lora_one_train.errors import DataError
 from lora_one_train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_residual_inits_export_what_was_trained(tmp_path):
 
 def test_missing_dataset_and_unwritable_output(tmp_path):
     cfg = RunConfig.from_dict(tiny_config(tmp_path, **{"task.spec": f"jsonl:{tmp_path / 'missing.jsonl'}"}))
-    with pytest.raises(ConfigError, match=r"task 'jsonl:.*missing.jsonl' could not be loaded: .* does not exist"):
+    with pytest.raises(DataError, match=r"task 'jsonl:.*missing.jsonl' could not be loaded: .* does not exist"):
         run(cfg, progress=False)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -247,7 +248,7 @@ def test_rerun_with_another_config_refuses_to_resume(tmp_path):
     run(RunConfig.from_dict(cfg), progress=False)
     cfg["optim"]["learning_rate"] = 1e-2
     cfg["train"]["steps"] = 4
-    with pytest.raises(ConfigError, match="holds a checkpoint of another configuration"):
+    with pytest.raises(ConfigError, match="holds checkpoints of another configuration"):
         run(RunConfig.from_dict(cfg), progress=False)
 
 

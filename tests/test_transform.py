@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,7 +96,7 @@ def test_gpt2_conv1d_layout_is_respected():
     t = targets["transformer/h/0/attn/c_attn"]
     assert (t.d_in, t.d_out, t.transposed) == (32, 96, True)
     wrong = lj.LoraConfig(rank=4, targets="all-linear")
-    with pytest.raises(ValueError, match="stores its kernel as \\(d_out, d_in\\).*transposed_kernels"):
+    with pytest.raises(ValueError, match=r"stores its kernel as \(d_out, d_in\).*transposed_kernels.*add it \(GPT-2"):
         adapters = random_adapters(fam.params, lj.LoraConfig(rank=4, targets=["c_proj"]))
         fam.forward_lora(fam.params, adapters, wrong)
 
@@ -171,3 +172,37 @@ def test_all_linear_selects_what_peft_selects(name):
     ours = sorted(lj.find_targets(fam.params, config_for(fam)))
     assert ours == peft_paths
     assert not any("embed" in p or "lm_head" in p for p in ours)
+
+
+class _Linear(nn.Module):
+    """A layer that is not nn.Dense, with its kernel stored (d_in, d_out)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(), (x.shape[-1], self.features))
+        return x @ kernel
+
+
+class _Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Linear(3, name="lin")(nn.Dense(4, name="fc")(x))
+
+
+def test_kernel_layout_comes_from_the_config_and_is_checked_against_the_layer():
+    """No registry of layer classes: a wrong transposed_kernels is caught from the layer's own shapes (non-square)
+    or from nn.Dense's fixed (d_in, d_out) layout (any shape)."""
+    model = _Pair()
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def run(config):
+        return lj.with_lora(model, config)({"params": params}, random_adapters(params, config), x)
+
+    run(lj.LoraConfig(rank=1, targets=".*"))  # the right layout
+    with pytest.raises(ValueError, match=r"'lin' \(_Linear\) does not store its kernel as \(d_out, d_in\).*remove it"):
+        run(lj.LoraConfig(rank=1, targets=".*", transposed_kernels=["lin"]))
+    with pytest.raises(ValueError, match=r"'fc' is a flax.linen.Dense, which stores its kernel as \(d_in, d_out\)"):
+        run(lj.LoraConfig(rank=1, targets=".*", transposed_kernels=["fc"]))  # fc is square: 4 -> 4

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -30,6 +31,7 @@ from lora_one_train.errors import CheckpointError
 def _reason(error: Exception, limit: int = 200) -> str:
     """The first line of an error, short (TensorStore errors run to hundreds of lines)."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = first.split(". See full TensorStore details")[0]
     text = f"{type(error).__name__}: {first}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -117,7 +119,9 @@ class Checkpointer:
             if record is not None:
                 accept(record)  # a refusal (another configuration, other data) is not a damaged checkpoint
                 try:
-                    return self._restore(candidate, abstract), record
+                    restored = self._restore(candidate, abstract), record
+                    self._set_aside(candidates[: candidates.index(candidate)], warn)
+                    return restored
                 except Exception as e:
                     failures.append(f"checkpoint {candidate} is unreadable ({_reason(e)})")
             if step is None and candidate != candidates[-1]:
@@ -126,6 +130,19 @@ class Checkpointer:
             f"no readable checkpoint in {self.folder} ({'; '.join(failures)}); delete that folder "
             "(or rerun with --restart) to start this method over"
         )
+
+    def _set_aside(self, steps: list[int], warn) -> None:
+        """Move unreadable checkpoints out of the way (``<folder>-unreadable/<step>``) so training can save
+        those steps again; nothing is deleted."""
+        if not steps:
+            return
+        aside = self.folder.with_name(self.folder.name + "-unreadable")
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+            (self.folder / str(step)).rename(target)
+            warn(f"moved the unreadable checkpoint {step} to {target}")
+        self.manager.reload()
 
     def _restore(self, step: int, abstract):
         return self.manager.restore(

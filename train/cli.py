@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     methods.add_argument("--method", help="a single method (overrides `methods`)")
     parser.add_argument("--output-dir", help="where the run goes (overrides `output_dir`)")
     parser.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
+    parser.add_argument(
+        "--sweep", action="store_true", help="a fair comparison: learning-rate grid, seeds, report (section `sweep`)"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (also LORA_ONE_PROGRESS=0)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a user error")
@@ -88,6 +91,8 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
         overrides.append(f"output_dir={args.output_dir}")
     if args.restart:
         overrides.append("restart=true")
+    if args.sweep:
+        overrides.append("sweep.enabled=true")
     return overrides
 
 
@@ -130,6 +135,11 @@ def train(args: argparse.Namespace) -> None:
     from lora_one_train.mesh import setup_distributed
 
     setup_distributed(cfg)
+    if cfg.sweep.enabled:
+        from lora_one_train.sweep_run import run_sweep
+
+        run_sweep(cfg, progress=not args.no_progress)
+        return
     from lora_one_train.run import run
 
     run(cfg, progress=not args.no_progress)

@@ -24,22 +24,12 @@ from typing import Any
 
 import yaml
 
-from lora_one_jax import LoraConfig
+from lora_one_jax import METHODS, LoraConfig
 from lora_one_train.errors import ConfigError
 
 CONFIG_DIR = Path(str(importlib.resources.files("lora_one_train.configs")))  # package data (configs/ in the repo)
 DEFAULT_CONFIG = "default"
 
-#: method -> (init, preconditioned optimizer)
-METHODS = {
-    "lora": ("lora", False),
-    "lora-one-init": ("lora-one", False),
-    "lora-one": ("lora-one", True),
-    "lora-precond": ("lora", True),
-    "pissa": ("pissa", False),
-    "lora-ga": ("lora-ga", False),
-    "full": ("full", False),
-}
 #: the placeholders ``output_dir`` may use, and ``logging.run_name`` (which also has ``{method}``)
 OUTPUT_DIR_FIELDS = ("name",)
 RUN_NAME_FIELDS = ("name", "method")
@@ -283,7 +273,11 @@ class EvalConfig:
     """Held-out evaluation every ``every`` steps (0: only before and after) on ``limit`` examples (None: all).
 
     Every evaluation measures the held-out answer loss; ``score: false`` skips the task metric (accuracy or
-    exact match), which for generation tasks costs far more than the loss.
+    exact match), which for generation tasks costs far more than the loss. The last evaluation can look
+    wider: ``final_limit`` / ``final_score`` (None: as ``limit`` / ``score``). ``diagnostics``: with every
+    evaluation, the principal angles between the adapters and the initial gradient's top-r subspaces, and
+    once at step 0 how stable those subspaces are between two halves of the gradient examples (the run then
+    estimates the gradient even when no method starts from it).
     """
 
     every: int = 0
@@ -291,11 +285,19 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 16
     score: bool = True
+    final_limit: int | None = None
+    final_score: bool | None = None
+    diagnostics: bool = True
 
     def __post_init__(self):
         _positive_int(self.every, "eval.every", allow_zero=True)
-        if self.limit is not None:
-            _positive_int(self.limit, "eval.limit")
+        for name in ("limit", "final_limit"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), f"eval.{name}")
+        for name in ("score", "final_score", "diagnostics"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "final_score"):
+                raise ConfigError(f"eval.{name} must be true or false, got {value!r}")
         _positive_int(self.batch_size, "eval.batch_size")
         _positive_int(self.max_new_tokens, "eval.max_new_tokens")
 
@@ -392,6 +394,46 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A fair comparison (``lora-one-train ... --sweep``, or ``enabled: true``): for each of ``methods``
+    (None: the run's ``methods``; a label ``<method>+<key>=<value>`` is a variant with ``init.<key>`` (or
+    ``<section>.<key>``, sections ``init`` and ``optim``) set, e.g. ``lora-one+gamma=auto``), a learning-rate
+    ``grid`` (None: 5 points 3e-5..3e-3, log-spaced; extended once past an edge that wins) on ``grid_seed``,
+    each run scored by its final answer loss on ``val_size`` validation examples carved from train; then
+    ``seeds`` runs at each method's chosen rate, evaluated as the ``eval`` section says; a report paired
+    against ``reference``, with ``ablations`` rows (``[variant, baseline]`` pairs). ``grid_score``: grid runs
+    also report the task metric on the validation split (false saves ASDiv's generation)."""
+
+    enabled: bool = False
+    methods: tuple[str, ...] | None = None
+    grid: tuple[float, ...] | None = None
+    grid_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    val_size: int = 300
+    reference: str = "lora"
+    ablations: tuple[tuple[str, str], ...] = ()
+    grid_score: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"sweep.enabled must be true or false, got {self.enabled!r}")
+        for name in ("methods", "grid", "seeds", "ablations"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ConfigError(f"sweep.{name} must be a list, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+        if self.grid is not None and not all(_positive_number(x) for x in self.grid):
+            raise ConfigError(f"sweep.grid must list positive learning rates, got {list(self.grid)}")
+        if not self.seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ConfigError(f"sweep.seeds must list seeds >= 0, got {list(self.seeds)}")
+        _positive_int(self.grid_seed, "sweep.grid_seed", allow_zero=True)
+        _positive_int(self.val_size, "sweep.val_size")
+        if any(len(pair) != 2 for pair in self.ablations):
+            raise ConfigError(f"sweep.ablations must be [variant, baseline] pairs, got {list(self.ablations)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run. ``methods`` lists one method, or several to compare on identical data and seed.
 
@@ -415,6 +457,7 @@ class RunConfig:
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
 
     SECTIONS = {
         "model": ModelConfig,
@@ -427,6 +470,7 @@ class RunConfig:
         "export": ExportConfig,
         "mesh": MeshConfig,
         "logging": LoggingConfig,
+        "sweep": SweepConfig,
     }
 
     def __post_init__(self):
@@ -567,3 +611,35 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
             f"{path} holds a {type(values).__name__}; a run config is a mapping of sections, e.g. configs/default.yaml"
         )
     return RunConfig.from_dict(merge(values, parse_overrides(overrides or [])))
+
+
+#: The parts of a config that must not change when a run resumes (``methods`` may: each has its own folder).
+RESUMABLE_SECTIONS = ("seed", "model", "task", "lora", "init", "optim", "train")
+
+
+def resumable(cfg: RunConfig) -> dict:
+    """The part of a config a resumed run must share with its checkpoints (``RESUMABLE_SECTIONS``), as plain data.
+
+    Example:
+        >>> sorted(resumable(RunConfig()))
+        ['init', 'lora', 'model', 'optim', 'seed', 'task', 'train']
+    """
+    data = cfg.to_dict()
+    return {k: data[k] for k in RESUMABLE_SECTIONS}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs between two nested dicts.
+
+    Example:
+        >>> config_differences({"optim": {"learning_rate": 0.1, "b1": 0.9}}, {"optim": {"learning_rate": 0.2}})
+        ['optim.b1: 0.9 -> None', 'optim.learning_rate: 0.1 -> 0.2']
+    """
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

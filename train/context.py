@@ -55,3 +55,16 @@ class RunContext:
     progress: bool = True
     phases: Phases = dataclasses.field(default_factory=Phases)
     steps: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Gradient:
+    """The run's gradient stage: the full fine-tuning gradient ``grads`` (None when no method needs it), the
+    top-r subspaces of each ``G`` the diagnostics measure adapters against (None when off), their stability
+    between two disjoint halves of the gradient examples (logged once, at step 0), and the batches
+    ``init.gamma: auto`` scores its candidates on (the training examples after the gradient examples)."""
+
+    grads: dict | None = None
+    subspaces: dict | None = None
+    stability: dict = dataclasses.field(default_factory=dict)
+    gamma_batches: list = dataclasses.field(default_factory=list)

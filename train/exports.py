@@ -13,6 +13,7 @@ import numpy as np
 
 import lora_one_jax as lj
 from lora_one_jax.export import fold_residual, load_adapters, save_adapters, save_peft
+from lora_one_jax.models import hub_id
 from lora_one_jax.models.export import save_pretrained
 from lora_one_jax.sharding import to_numpy
 
@@ -66,7 +67,6 @@ def export_adapters(ctx, folder: Path, method: str, base, adapters) -> dict:
 
 
 def hub_name(spec: str) -> str:
-    """The name PyTorch resolves for a model spec: the hub id our weights came from, else the spec itself."""
-    from lora_one_jax.models import hub_id
-
-    return hub_id(spec)
+    """What a PEFT file names as its base: the hub id the weights came from (PyTorch resolves it), a local
+    folder's path, else the spec itself (toy models and GGUF files have no hub id)."""
+    return hub_id(spec) or spec

@@ -63,13 +63,14 @@ class LossLog:
 
 
 def evaluation_hook(evaluate: Callable[[StepInfo], dict], loggers, history: list[dict], *, every: int, say=print):
-    """A ``Hook`` that evaluates the state (``evaluate(info) -> {name: value}``) and logs ``eval/<name>``."""
+    """A ``Hook`` that logs ``evaluate(info)`` (``{name: value}``) at its step."""
 
     def fn(info: StepInfo) -> None:
         result = evaluate(info)
-        log_record(loggers, history, {"step": info.step, **{f"eval/{k}": v for k, v in result.items()}})
+        log_record(loggers, history, {"step": info.step, **result})
         if info.step != info.total_steps:
-            say(f"step {info.step}: " + ", ".join(f"{k} {_short(v)}" for k, v in result.items()))
+            headline = {k.removeprefix("eval/"): v for k, v in result.items() if k.startswith("eval/")}
+            say(f"step {info.step}: " + ", ".join(f"{k} {_short(v)}" for k, v in headline.items()))
 
     return Hook(every=every, fn=fn)
 

@@ -226,13 +226,13 @@ def _numbered_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(
-                        f"{path!r}, line {line_no}: not valid JSON ({e.msg} at column {e.colno}); "
-                        "a JSON-lines file holds one JSON object per line"
+                        f"{path!r} is not a valid JSON-lines file (one JSON object per line): line {line_no} "
+                        f"is not JSON ({e.msg} at column {e.colno})"
                     ) from None
                 if not isinstance(row, dict):
                     raise ValueError(
-                        f"{path!r}, line {line_no}: a JSON {type(row).__name__}, not an object; "
-                        "a JSON-lines file holds one JSON object per line"
+                        f"{path!r} is not a valid JSON-lines file (one JSON object per line): line {line_no} "
+                        f"holds a JSON {type(row).__name__}, not an object"
                     )
                 rows.append((line_no, row))
         except UnicodeDecodeError as e:
@@ -282,7 +282,7 @@ def _standardise(
 
 
 def _dedupe(ds: datasets.Dataset, key: Callable[[dict], str] | str = "prompt") -> datasets.Dataset:
-    keys = ds[key] if isinstance(key, str) else [key(r) for r in ds]
+    keys = ds[key][:] if isinstance(key, str) else [key(r) for r in ds]  # [:]: one list, not row by row
     seen: set = set()
     first = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
     return ds.select(first) if len(first) < len(ds) else ds
@@ -299,8 +299,15 @@ def _holdout(ds: datasets.Dataset, eval_size: int, split_seed: int) -> tuple[dat
 
 
 def _disjoint(train: datasets.Dataset, eval_: datasets.Dataset, key: str = "prompt") -> datasets.Dataset:
-    held = set(eval_[key])
-    return train.filter(lambda k: k not in held, input_columns=key)
+    held = set(eval_[key][:])
+    keep = [i for i, k in enumerate(train[key][:]) if k not in held]
+    return train.select(keep) if len(keep) < len(train) else train
+
+
+def _materialize(ds: datasets.Dataset) -> datasets.Dataset:
+    """``ds.flatten_indices()`` through one Arrow ``take`` (10x faster: flatten_indices re-casts every batch)."""
+    table = ds.with_format("arrow")[:]
+    return datasets.Dataset(table, info=ds.info.copy(), fingerprint=f"{ds._fingerprint}-flat")  # not hashing it
 
 
 def _finish(name, kind, train, eval_, seed, split_seed, template="", key="prompt", stats=None) -> Task:
@@ -309,9 +316,9 @@ def _finish(name, kind, train, eval_, seed, split_seed, template="", key="prompt
     stats = dict(stats or {})
     if train is not None:
         before = len(train)
-        train = _disjoint(train, eval_, key).shuffle(seed=seed).flatten_indices()
+        train = _materialize(_disjoint(train, eval_, key).shuffle(seed=seed))
         stats["overlap"] = before - len(train)
-    eval_ = eval_.shuffle(seed=split_seed).flatten_indices()
+    eval_ = _materialize(eval_.shuffle(seed=split_seed))
     stats.update(train=0 if train is None else len(train), eval=len(eval_))
     return Task(name, kind, train, eval_, template, stats=stats)
 
@@ -506,7 +513,7 @@ def from_records(
     data such as GLUE: ``choices=["negative", "positive"]`` with an integer ``label`` column). A row
     without a prompt or answer, with an integer label outside the choices, or with a string answer that
     is not among them raises ``DataError`` naming ``source`` and the row (0-based; with ``line_numbers``,
-    also the row's line in the file): nothing is dropped or guessed silently.
+    also the row's line in the file at the end of the message): nothing is dropped or guessed silently.
 
     A list of dicts (e.g. ``read_jsonl_rows``) is read row by row with each value as written: numeric
     answers ``2`` and ``2.5`` in one column become ``" 2"`` and ``" 2.5"``, and a number among string
@@ -583,10 +590,10 @@ def _row_formatter(fields, template, kind, answer_prefix, choices, cols, source,
     pre = lambda s: s if s[:1].isspace() else answer_prefix + s
 
     def fmt(r, index):
-        where = f"row {index}" if line_numbers is None else f"row {index} (line {line_numbers[index]})"
+        line = "" if line_numbers is None else f" (line {line_numbers[index]} of the file)"
 
         def fail(why):
-            raise DataError(f"{source}, {where}: {why}")
+            raise DataError(f"{source}, row {index}: {why}{line}")
 
         def value(ours):
             v = r[fields[ours]]

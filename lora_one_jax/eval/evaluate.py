@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_one_jax.config import LoraConfig
+from lora_one_jax.config import LoraConfig, Target
 from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, pad_seq2seq_batch, truncate
 from lora_one_jax.losses import (
     decoder_start_id,
@@ -80,11 +80,11 @@ class EvalResult:
 # ----------------------------------------------------------------------------- jitted programs
 
 
-def _forward(model, config: LoraConfig | None, with_adapters: bool) -> Callable:
+def _forward(model, config: LoraConfig | None, with_adapters: bool, targets: dict[str, Target] | None) -> Callable:
     """``f(params, adapters, input_ids, **kwargs)`` -> model output, through ``with_lora`` when needed."""
     if not with_adapters:
         return lambda params, adapters, ids, **kw: model(ids, params=params, **kw)
-    apply = with_lora(model, config)
+    apply = with_lora(model, config, targets=targets)
     return lambda params, adapters, ids, **kw: apply({"params": params}, adapters, ids, **kw)
 
 
@@ -160,7 +160,8 @@ class Evaluator:
 
     Keep one ``Evaluator`` for repeated evaluation (the trainer does): each program (sequence scores,
     next-token scores, greedy decoding) is compiled on first use for each bucketed shape and reused
-    after; params and adapters are arguments, never constants. The module-level functions
+    after; params and adapters are arguments, never constants. ``targets``: ``find_targets(params, config)``
+    when the caller already has it (``with_lora`` resolves it on every trace otherwise). The module-level functions
     (``evaluate``, ``score_choices``, ``answer_nll``, ``generate``) make a temporary one.
 
     Example:
@@ -171,12 +172,21 @@ class Evaluator:
         (1, 2)
     """
 
-    def __init__(self, model, tokenizer, config: LoraConfig | None = None, *, batch_size: int = 16, max_len: int = 512):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: LoraConfig | None = None,
+        *,
+        batch_size: int = 16,
+        max_len: int = 512,
+        targets: dict[str, Target] | None = None,
+    ):
         if tokenizer is None:
             raise ValueError("evaluation needs the model's tokenizer (load_model returns it)")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model, self.tokenizer, self.config, self.targets = model, tokenizer, config, targets
         self.seq2seq = is_encoder_decoder(model)
         self.batch_size, self.max_len = int(batch_size), int(max_len)
         self._programs: dict = {}
@@ -188,7 +198,7 @@ class Evaluator:
             )
         key = (kind, with_adapters, static)
         if key not in self._programs:
-            forward = _forward(self.model, self.config, with_adapters)
+            forward = _forward(self.model, self.config, with_adapters, self.targets)
             self._programs[key] = jax.jit(_BUILDERS[kind](forward, self.model, *static))
         return self._programs[key]
 

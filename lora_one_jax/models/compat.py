@@ -1,6 +1,6 @@
 """Fixes for Hugging Face Flax models (transformers 4.57) on current JAX, applied once.
 
-Three known defects (see STACK.md) are fixed here and nowhere else:
+Three known defects are fixed here and nowhere else (each has a test in ``tests/test_compat.py``):
 
 * FlaxT5 / FlaxLongT5 call ``jnp.clip(x, a_min=..., a_max=...)``; JAX >= 0.10 removed those
   keywords. We give those two modules a ``jnp`` whose ``clip`` maps them to ``min``/``max``.

@@ -81,6 +81,16 @@ class _Metadata:
             raise ValueError(f"the GGUF file has no {key!r} metadata; it is not a complete llama.cpp model file")
         return value
 
+    def supported(self, key: str, value: str, hint: str) -> None:
+        """Raise ``NotImplementedError`` (naming the key, its value and ``hint``) unless ``key`` holds ``value``."""
+        found = self.require(key)
+        if found != value:
+            raise NotImplementedError(f"GGUF {key} = {found!r} is not supported; {hint}")
+
+    def token_id(self, name: str):
+        """``tokenizer.ggml.<name>_token_id`` (None when absent)."""
+        return self.get(f"tokenizer.ggml.{name}_token_id")
+
 
 def gguf_tokenizer(source):
     """The tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata (byte-level BPE only),
@@ -97,24 +107,23 @@ def gguf_tokenizer(source):
 
         source = gguf.GGUFReader(os.fspath(source))
     meta = source if isinstance(source, _Metadata) else _Metadata(source)
-    kind = meta.require("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise NotImplementedError(
-            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); load the model's "
-            "tokenizer yourself (e.g. transformers.AutoTokenizer) and pass it as load_model(..., tokenizer=...)"
-        )
+    meta.supported(
+        "tokenizer.ggml.model",
+        "gpt2",
+        "only byte-level BPE ('gpt2'); load the model's tokenizer yourself (e.g. transformers.AutoTokenizer) "
+        "and pass it as load_model(..., tokenizer=...)",
+    )
     tokens = meta.require("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
     return bpe_tokenizer(
         tokens,
         meta.require("tokenizer.ggml.merges"),
         pre=meta.get("tokenizer.ggml.pre", "default"),
         special=[i for i, t in enumerate(types) if t == 3],  # CONTROL tokens
-        bos_id=ids("bos"),
-        eos_id=ids("eos"),
-        pad_id=ids("padding"),
-        unk_id=ids("unknown"),
+        bos_id=meta.token_id("bos"),
+        eos_id=meta.token_id("eos"),
+        pad_id=meta.token_id("padding"),
+        unk_id=meta.token_id("unknown"),
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
     )
@@ -123,12 +132,11 @@ def gguf_tokenizer(source):
 def _llama_config(meta: _Metadata, tied: bool):
     from transformers import LlamaConfig
 
-    arch = meta.require("general.architecture")
-    if arch != "llama":
-        raise NotImplementedError(
-            f"GGUF architecture {arch!r} is not supported; only Llama-family ('llama': Llama, Mistral, SmolLM, ...) "
-            "GGUF files convert to FlaxLlamaForCausalLM"
-        )
+    meta.supported(
+        "general.architecture",
+        "llama",
+        "only Llama-family ('llama': Llama, Mistral, SmolLM, ...) GGUF files convert to FlaxLlamaForCausalLM",
+    )
     scaling = meta.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise NotImplementedError(
@@ -141,7 +149,6 @@ def _llama_config(meta: _Metadata, tied: bool):
             f"rope dimension {rope_dim} != head dim {hidden // heads}: partial rotary is not supported"
         )
     vocab = meta.get("llama.vocab_size") or len(meta.require("tokenizer.ggml.tokens"))
-    ids = lambda key: meta.get(f"tokenizer.ggml.{key}_token_id")
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -153,10 +160,59 @@ def _llama_config(meta: _Metadata, tied: bool):
         rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         tie_word_embeddings=tied,
-        bos_token_id=ids("bos"),
-        eos_token_id=ids("eos"),
-        pad_token_id=ids("padding"),
+        bos_token_id=meta.token_id("bos"),
+        eos_token_id=meta.token_id("eos"),
+        pad_token_id=meta.token_id("padding"),
     )
+
+
+def _layer_weight(name: str, w: np.ndarray, config) -> tuple[str, str, np.ndarray]:
+    """``(module, leaf, value)`` of a ``blk.N.<name>`` tensor: q/k rows un-permuted, kernels transposed."""
+    module, leaf = _LAYER_NAMES[name]
+    if name == "attn_q.weight":
+        w = unpermute_qk(w, config.num_attention_heads)
+    elif name == "attn_k.weight":
+        w = unpermute_qk(w, config.num_key_value_heads)
+    return module, leaf, (w.T if leaf == "kernel" else w)
+
+
+def _read_tensors(reader, config, put) -> dict:
+    """FlaxLlama params from the GGUF tensors, each dequantized and placed (``put``) as it is read."""
+    import gguf
+
+    params: dict = {"model": {"layers": {}}}
+    tied = config.tie_word_embeddings
+    embedding = None  # a host copy for a tied lm_head
+    layer_re = re.compile(r"blk\.(\d+)\.(.+)")
+    for t in reader.tensors:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+            list(reversed(t.shape.tolist()))
+        )
+        m = layer_re.fullmatch(t.name)
+        if t.name == "token_embd.weight":
+            embedding = w if tied else None
+            params["model"]["embed_tokens"] = {"embedding": put("model/embed_tokens/embedding", w)}
+        elif t.name == "output_norm.weight":
+            params["model"]["norm"] = {"weight": put("model/norm/weight", w)}
+        elif t.name == "output.weight":
+            params["lm_head"] = {"kernel": put("lm_head/kernel", w.T)}
+        elif m and m.group(2) in _LAYER_NAMES:
+            module, leaf, w = _layer_weight(m.group(2), w, config)
+            node = params["model"]["layers"].setdefault(m.group(1), {})
+            for part in module.split("/"):
+                node = node.setdefault(part, {})
+            node[leaf] = put(f"model/layers/{m.group(1)}/{module}/{leaf}", w)
+        else:
+            raise NotImplementedError(
+                f"GGUF tensor {t.name!r} has no FlaxLlama counterpart (biases, rope_freqs, "
+                "MoE and other variants are not supported)"
+            )
+    if "lm_head" not in params and embedding is not None:
+        params["lm_head"] = {"kernel": put("lm_head/kernel", embedding.T)}
+    missing = [str(i) for i in range(config.num_hidden_layers) if len(params["model"]["layers"].get(str(i), {})) != 4]
+    if missing or "embed_tokens" not in params["model"] or "norm" not in params["model"]:
+        raise ValueError(f"the GGUF file lacks tensors (layers {missing[:5]} incomplete, or no embedding/norm)")
+    return params
 
 
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, mesh=None, rules=None):
@@ -181,46 +237,8 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, mes
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     reader = gguf.GGUFReader(path)
     meta = _Metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = _llama_config(meta, tied="output.weight" not in names)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    put = leaf_placer(dtype, mesh, rules)
-    params: dict = {"model": {"layers": {}}}
-    embedding = None  # a host copy for a tied lm_head
-    layer_re = re.compile(r"blk\.(\d+)\.(.+)")
-    for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
-            list(reversed(t.shape.tolist()))
-        )
-        m = layer_re.fullmatch(t.name)
-        if t.name == "token_embd.weight":
-            embedding = w if "output.weight" not in names else None
-            params["model"]["embed_tokens"] = {"embedding": put("model/embed_tokens/embedding", w)}
-        elif t.name == "output_norm.weight":
-            params["model"]["norm"] = {"weight": put("model/norm/weight", w)}
-        elif t.name == "output.weight":
-            params["lm_head"] = {"kernel": put("lm_head/kernel", w.T)}
-        elif m and m.group(2) in _LAYER_NAMES:
-            module, leaf = _LAYER_NAMES[m.group(2)]
-            if m.group(2) == "attn_q.weight":
-                w = unpermute_qk(w, heads)
-            elif m.group(2) == "attn_k.weight":
-                w = unpermute_qk(w, kv_heads)
-            node = params["model"]["layers"].setdefault(m.group(1), {})
-            for part in module.split("/"):
-                node = node.setdefault(part, {})
-            node[leaf] = put(f"model/layers/{m.group(1)}/{module}/{leaf}", w.T if leaf == "kernel" else w)
-        else:
-            raise NotImplementedError(
-                f"GGUF tensor {t.name!r} has no FlaxLlama counterpart (biases, rope_freqs, "
-                "MoE and other variants are not supported)"
-            )
-    if "lm_head" not in params and embedding is not None:
-        params["lm_head"] = {"kernel": put("lm_head/kernel", embedding.T)}
-    missing = [str(i) for i in range(config.num_hidden_layers) if len(params["model"]["layers"].get(str(i), {})) != 4]
-    if missing or "embed_tokens" not in params["model"] or "norm" not in params["model"]:
-        raise ValueError(f"the GGUF file lacks tensors (layers {missing[:5]} incomplete, or no embedding/norm)")
-
+    config = _llama_config(meta, tied="output.weight" not in {t.name for t in reader.tensors})
+    params = _read_tensors(reader, config, leaf_placer(dtype, mesh, rules))
     model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
     if tokenizer is None:
         tokenizer = gguf_tokenizer(meta)

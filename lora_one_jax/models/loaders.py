@@ -47,6 +47,8 @@ from lora_one_jax.sharding import leaf_placer
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
 _WEIGHT_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json", _SAFE, _SAFE_INDEX)
+#: Files beside the shards that ``merge_safetensors_shards`` copies (configs, tokenizers) are smaller than this.
+_SMALL_FILE_BYTES = 64 << 20
 # What to fetch of a hub repo: configs, tokenizers and weights (never PyTorch .bin).
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.safetensors", "flax_model.msgpack*"]
 
@@ -93,6 +95,19 @@ def _random_params(model, seed: int, std: float):
     )
 
 
+def _toy(model_class: str, config_class: str, sizes: dict, tok, *, seed: int, dtype, std: float | None = None):
+    """A random HF Flax model of ``sizes`` over ``tok``'s vocabulary (weights normal(``std``), by default the
+    config's ``initializer_range``)."""
+    import transformers
+
+    patch_transformers()
+    ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = getattr(transformers, config_class)(**{**ids, **sizes})
+    model = getattr(transformers, model_class)(config, dtype=dtype, _do_init=False)
+    params = _random_params(model, seed, config.initializer_range if std is None else std)
+    return LoadedModel(model, cast_params(params, dtype), tok)
+
+
 def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
     """A tiny random ``FlaxLlamaForCausalLM`` (2 layers, hidden 64) over ``toy_tokenizer()``'s 260 tokens.
 
@@ -101,12 +116,8 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         >>> model.config.num_hidden_layers, len(tok)
         (1, 260)
     """
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
-    patch_transformers()
     tok = toy_tokenizer()
     sizes = dict(
-        vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -116,14 +127,8 @@ def toy_llama(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
-    sizes.update(overrides)
-    config = LlamaConfig(**sizes)
-    model = FlaxLlamaForCausalLM(config, dtype=dtype, _do_init=False)
-    params = _random_params(model, seed, config.initializer_range)
-    return LoadedModel(model, cast_params(params, dtype), tok)
+    return _toy("FlaxLlamaForCausalLM", "LlamaConfig", {**sizes, **overrides}, tok, seed=seed, dtype=dtype)
 
 
 def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
@@ -134,26 +139,10 @@ def toy_t5(*, seed: int = 0, dtype=jnp.float32, **overrides) -> LoadedModel:
         >>> model.config.is_encoder_decoder, model.config.decoder_start_token_id == tok.pad_token_id
         (True, True)
     """
-    from transformers import FlaxT5ForConditionalGeneration, T5Config
-
-    patch_transformers()
     tok = toy_tokenizer()
-    sizes = dict(
-        vocab_size=len(tok),
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    sizes.update(overrides)
-    model = FlaxT5ForConditionalGeneration(T5Config(**sizes), dtype=dtype, _do_init=False)
-    params = _random_params(model, seed, 0.05)
-    return LoadedModel(model, cast_params(params, dtype), tok)
+    sizes = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, tie_word_embeddings=True)
+    sizes = {**sizes, "decoder_start_token_id": tok.pad_token_id, **overrides}
+    return _toy("FlaxT5ForConditionalGeneration", "T5Config", sizes, tok, seed=seed, dtype=dtype, std=0.05)
 
 
 def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.PathLike | None = None) -> Path:
@@ -192,7 +181,7 @@ def merge_safetensors_shards(folder: str | os.PathLike, out_folder: str | os.Pat
                     tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / _SAFE), metadata=metadata or {"format": "pt"})
         for p in folder.iterdir():
-            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < (64 << 20):
+            if p.is_file() and p.name not in shards and p.name != _SAFE_INDEX and p.stat().st_size < _SMALL_FILE_BYTES:
                 shutil.copy2(p, tmp / p.name)
     return final
 

@@ -1,0 +1,56 @@
+"""The sweep through the trainer (issue 17): a tiny grid and two seeds on the toy model, resumable, with a report."""
+
+import json
+
+import pytest
+
+from lora_one_train.config import ConfigError, RunConfig
+from lora_one_train.sweep import load_results
+from lora_one_train.sweep_run import run_sweep, split_label
+from tests.test_trainer import tiny_config
+
+
+def sweep_config(tmp_path, rows=120, **over) -> dict:
+    path = tmp_path / "parity-120.jsonl"
+    data = [{"q": f"Is {i} even?", "choices": ["no", "yes"], "label": int(i % 2 == 0)} for i in range(rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    cfg = tiny_config(tmp_path, methods=["lora", "lora-one"], **{"train.steps": 2, "checkpoint.every": 0, **over})
+    cfg["task"]["spec"] = f"jsonl:{path}"
+    cfg["eval"]["diagnostics"] = True
+    cfg["sweep"] = {"grid": [1e-3, 1e-2], "seeds": [0, 1], "val_size": 16}
+    return cfg
+
+
+def test_labels_name_a_method_and_its_variant():
+    assert split_label("lora") == ("lora", {})
+    assert split_label("lora-one+gamma=auto+optim.damping=1e-3") == (
+        "lora-one",
+        {"init": {"gamma": "auto"}, "optim": {"damping": 1e-3}},
+    )
+    with pytest.raises(ConfigError, match="is not <key>=<value>"):
+        split_label("lora-one+lora.rank=4")
+
+
+@pytest.mark.slow
+def test_a_sweep_chooses_rates_pairs_seeds_and_resumes(tmp_path):
+    cfg = RunConfig.from_dict(sweep_config(tmp_path))
+    report = run_sweep(cfg, progress=False)
+    results = load_results(cfg.out_dir)
+    grid = {name: r for name, r in results.items() if name.startswith("grid/")}
+    seeds = {name: r for name, r in results.items() if name.startswith("seeds/")}
+    assert len(grid) >= 4 and all(r["val"]["answer_loss"] > 0 for r in grid.values())  # 2 rates (+ extension)
+    assert len(seeds) == 4  # 2 methods x 2 seeds at each method's chosen rate
+    for method in ("lora", "lora-one"):
+        rates = {r["lr"] for r in seeds.values() if r["method"] == method}
+        assert len(rates) == 1
+    # paired by seed: the same data, so a method's step-0 held-out loss is the same at both rates
+    first = {(r["method"], r["seed"]): r["history"][0]["eval/answer_loss"] for r in seeds.values()}
+    assert first[("lora", 0)] != first[("lora-one", 0)]
+    lora_one = next(r for r in seeds.values() if r["method"] == "lora-one")
+    assert "eval/align/left_mean" not in lora_one["history"][0] and "align/left_mean" in lora_one["history"][0]
+    assert lora_one["init"]["grad_stability"]
+    text = report.read_text()
+    assert "Paired differences against `lora`" in text and "| lora-one |" in text
+    mtimes = {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")}
+    run_sweep(cfg, progress=False)  # finished: nothing is trained again
+    assert {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")} == mtimes

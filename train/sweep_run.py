@@ -1,0 +1,182 @@
+"""The sweep, run: ``run_sweep(cfg)`` trains what ``sweep.plan`` lists, one run at a time, and writes the report.
+
+Layout under ``output_dir``: one folder per run (``grid/<method>/lr3.00e-04-seed0/``,
+``seeds/<method>/...``), each an ordinary trainer run (checkpoints, metrics, exports) with its
+``result.json`` written last; ``report.md``, ``grid.png`` and ``curves.png`` at the top. Rerunning the
+same command resumes: finished runs are skipped, an interrupted one resumes from its checkpoint, and
+the plan (the grid's extension, the chosen rates) is recomputed from what is finished.
+
+The model is loaded once; runs that differ only in learning rate, seed or method share the compiled
+train step (``RunContext.steps``) and, per seed, the gradient estimate. For a seed, every method sees the
+same training order and the same gradient examples, so the report pairs them by seed. Grid runs are
+scored on a validation split carved from train (never the reported split); seeds runs on the held-out split.
+
+Example:
+    >>> split_label("lora-one+gamma=auto")
+    ('lora-one', {'init': {'gamma': 'auto'}})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+
+from lora_one_jax.eval import Evaluator
+from lora_one_train import errors
+from lora_one_train.config import ConfigError, RunConfig, merge, parse_yaml
+from lora_one_train.context import RunContext
+from lora_one_train.exports import is_main_process
+from lora_one_train.lock import RunLock
+from lora_one_train.method import train_method
+from lora_one_train.run import GAMMA_EXAMPLES, estimate_gradient, load, load_run_task, prepare_output
+from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
+from lora_one_train.sweep_report import write_report
+
+#: The sections a method label's ``+key=value`` may change (the model, data and adapters stay the run's).
+VARIANT_SECTIONS = ("init", "optim")
+
+
+def split_label(label: str) -> tuple[str, dict]:
+    """``(method, overrides)`` of a sweep label ``<method>[+<key>=<value>...]`` (``key``: ``init.<key>`` or
+    ``<section>.<key>``; values parsed as YAML)."""
+    method, *changes = label.split("+")
+    overrides: dict = {}
+    for change in changes:
+        key, sep, value = change.partition("=")
+        section, _, leaf = key.rpartition(".")
+        section = section or "init"
+        if not sep or not leaf or section not in VARIANT_SECTIONS:
+            raise ConfigError(
+                f"sweep label {label!r}: {change!r} is not <key>=<value> with a key of {VARIANT_SECTIONS} "
+                "(e.g. lora-one+gamma=auto, lora-one+optim.damping=0.001)"
+            )
+        overrides.setdefault(section, {})[leaf] = parse_yaml(value, f"sweep label {label!r}")
+    return method, overrides
+
+
+def run_config(cfg: RunConfig, run: Run) -> RunConfig:
+    """The trainer config of one sweep run: its method (and variant), seed, learning rate and folder."""
+    method, overrides = split_label(run.method)
+    values = merge(cfg.to_dict(), overrides)
+    values.update(
+        name=run.name, output_dir=str(run.folder(cfg.out_dir)), methods=[method], seed=run.seed, restart=False
+    )
+    values["optim"] = {**values["optim"], "learning_rate": run.lr}
+    values["sweep"] = {}
+    if run.phase == "grid":  # scored once, at the end, on all of the validation split
+        score = cfg.sweep.grid_score
+        values["eval"] = {**values["eval"], "every": 0, "limit": None, "final_limit": None, "final_score": score}
+    return RunConfig.from_dict(values)
+
+
+class Sweep:
+    """The sweep's shared pieces: the loaded model (one ``RunContext``), and per seed the task splits and
+    per (seed, init) the gradient stage."""
+
+    def __init__(self, cfg: RunConfig, *, progress: bool):
+        self.cfg = cfg
+        self.base = load(cfg, progress=progress)
+        self.tasks: dict = {}
+        self.gradients: dict = {}
+
+    def task(self, run_cfg: RunConfig, phase: str):
+        """The run's task: train without the validation split; evaluated on it (grid) or on held-out (seeds)."""
+        if run_cfg.seed not in self.tasks:  # validation from the whole training pool, then task.train_size
+            pool = load_run_task(dataclasses.replace(run_cfg, task=dataclasses.replace(run_cfg.task, train_size=None)))
+            skip, size = run_cfg.init.grad_examples + GAMMA_EXAMPLES, self.cfg.sweep.val_size
+            rest, val = carve_validation(pool.train, size, seed=run_cfg.task.split_seed, skip=skip, min_size=1)
+            if run_cfg.task.train_size is not None:
+                rest = rest.select(range(min(run_cfg.task.train_size, len(rest))))
+            self.tasks[run_cfg.seed] = (dataclasses.replace(pool, train=rest), val)
+        task, val = self.tasks[run_cfg.seed]
+        return dataclasses.replace(task, eval=val) if phase == "grid" else task
+
+    def context(self, run_cfg: RunConfig, phase: str) -> RunContext:
+        ctx = dataclasses.replace(self.base, cfg=run_cfg, task=self.task(run_cfg, phase))  # shares the compiled steps
+        if run_cfg.eval.batch_size != self.cfg.eval.batch_size:
+            evaluator = Evaluator(ctx.model, ctx.tokenizer, run_cfg.lora, batch_size=run_cfg.eval.batch_size)
+            ctx = dataclasses.replace(ctx, evaluator=evaluator)
+        return ctx
+
+    def gradient(self, ctx: RunContext):
+        key = (ctx.cfg.seed, json.dumps(ctx.cfg.to_dict()["init"], sort_keys=True))
+        if key not in self.gradients:
+            self.gradients[key] = estimate_gradient(ctx)
+        return self.gradients[key]
+
+    def train(self, run: Run) -> dict:
+        """One run of the plan, from scratch or from its checkpoint; its result record."""
+        run_cfg = run_config(self.cfg, run)
+        ctx = self.context(run_cfg, run.phase)
+        print(f"=== {run.name} ===")
+        prepare_output(run_cfg)
+        method = run_cfg.methods[0]
+        try:
+            summary = train_method(ctx, method, self.gradient(ctx))
+        except errors.DivergedError as e:
+            print(f"{run.name} diverged: {e}")
+            return {**record_of(run), "diverged": True, "error": str(e)}
+        return {**record_of(run), **results_of(run, summary)}
+
+
+def record_of(run: Run) -> dict:
+    return {"method": run.method, "lr": run.lr, "seed": run.seed, "phase": run.phase, "devices": str(jax.devices())}
+
+
+def results_of(run: Run, summary: dict) -> dict:
+    """What the report reads from a finished run: its final evaluation (validation or held-out), its history
+    and what its init chose."""
+    history = summary["history"]
+    last = {"answer_loss": summary["answer_loss_after"], "score": summary["score_after"], "metric": summary["metric"]}
+    first = history[0] if history and history[0]["step"] == 0 else {}
+    init = {"gamma": first.get("init/gamma")}
+    if "init/gamma" in first:
+        losses = {k.removeprefix("init/gamma_loss/"): v for k, v in first.items() if k.startswith("init/gamma_loss/")}
+        init["gamma_auto"] = {"losses": losses, "forward_passes": first.get("init/gamma_forward_passes")}
+    init["grad_stability"] = {k: v for k, v in first.items() if k.startswith("grad_stability/")}
+    plain = {k: v for k, v in summary.items() if k not in ("history", "final_state")}
+    return {"val" if run.phase == "grid" else "held_out": last, "history": history, "init": init, "summary": plain}
+
+
+def write_result(path: Path, record: dict) -> None:
+    """``result.json`` written last and atomically: its existence marks the run as done."""
+    if not is_main_process():
+        return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_sweep(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """Run (or resume) the sweep of ``cfg`` (see module doc); returns the report's path."""
+    sweep = cfg.sweep
+    labels = list(sweep.methods or cfg.methods)
+    grid = sweep.grid or DEFAULT_GRID
+    with RunLock(cfg.out_dir, enabled=is_main_process()):
+        runner = Sweep(cfg, progress=progress)
+        if sweep.val_size < MIN_VALIDATION:
+            print(
+                f"sweep: warning: {sweep.val_size} validation examples make the choice of rate noisy (>= 300 advised)"
+            )
+        print(f"sweep: {labels} over {list(grid)}, seeds {list(sweep.seeds)}, on {jax.devices()}")
+        while True:
+            results = load_results(cfg.out_dir)
+            runs = plan(labels, results, grid=grid, seeds=sweep.seeds, grid_seed=sweep.grid_seed)
+            todo = [r for r in runs if r.name not in results]
+            if not todo:
+                break
+            write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0]))
+        records = list(load_results(cfg.out_dir).values())
+        report = write_report(
+            records,
+            cfg.out_dir,
+            reference=sweep.reference,
+            ablations=[tuple(p) for p in sweep.ablations],
+            title=f"{cfg.model.spec} on {cfg.task.spec}: learning-rate sweep ({jax.devices()[0].platform})",
+        )
+    print(f"report: {report}")
+    return report
