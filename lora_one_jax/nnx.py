@@ -340,6 +340,14 @@ def flat_parts(params, targets) -> tuple[dict, dict[str, str], Unflatten, Callab
 # ----------------------------------------------------------------------------- the module transform
 
 
+class _Calls:
+    """The adapted layers that ran during one ``with_lora`` call (hashable by identity: it rides in the graph's
+    static data, so layers rebuilt inside ``nnx.remat`` report to the same object)."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+
 class _LoraValue(nnx.Variable):
     """Adapter data attached to a merged copy of a module inside ``with_lora`` (never trained through NNX)."""
 
@@ -365,7 +373,8 @@ def _einsum_delta(x, a, b, einsum: str, in_axes: tuple[int, ...], shape: tuple[i
 
 def _lora_call(self, *args, **kwargs):
     out = self._lora_base_call(*args, **kwargs)
-    scale, dropout, layout, shape = self._lora_static
+    scale, dropout, layout, shape, path, calls = self._lora_static
+    calls.seen.add(path)
     x = args[0] if args else kwargs.get("inputs", kwargs.get("x"))
     a, b = self.lora_a.get_value(), self.lora_b.get_value()
     x = x.astype(a.dtype)
@@ -389,7 +398,7 @@ def _lora_class(cls: type) -> type:
     return type(f"Lora{cls.__name__}", (cls,), {"__call__": _lora_call, "_lora_base_call": cls.__call__})
 
 
-def attach(model, adapters, targets, config, *, lora_rng=None) -> None:
+def attach(model, adapters, targets, config, *, lora_rng=None, calls: _Calls | None = None) -> None:
     """Turn the targeted layers of ``model`` (a throwaway copy: ``with_lora`` merges one per call) into layers
     that add ``scale * dropout(x) @ A @ B``; raises for a module that is missing or cannot be adapted."""
     found, lays = modules(model), layouts(model)
@@ -405,7 +414,7 @@ def attach(model, adapters, targets, config, *, lora_rng=None) -> None:
         module.lora_b = _LoraValue(adapters[path]["b"])
         if lora_rng is not None and config.dropout > 0.0:
             module.lora_key = _LoraValue(jax.random.fold_in(lora_rng, i))
-        module._lora_static = (targets[path].scale, config.dropout, layout, shape)
+        module._lora_static = (targets[path].scale, config.dropout, layout, shape, path, calls or _Calls())
 
 
 def with_lora_nnx(model, config, *, targets=None) -> Callable[..., Any]:
@@ -440,8 +449,13 @@ def with_lora_nnx(model, config, *, targets=None) -> Callable[..., Any]:
         # the base is frozen (stop_gradient): its Variables then live at the caller's trace level, which nnx.remat
         # inside the model (tunix's RematConfig) needs when differentiating w.r.t. the adapters alone
         copy = nnx.merge(graphdef, jax.tree.map(jax.lax.stop_gradient, params), rest)
-        attach(copy, adapters, resolved, config, lora_rng=lora_rng)
-        return copy(*args, **kwargs)
+        calls = _Calls()
+        attach(copy, adapters, resolved, config, lora_rng=lora_rng, calls=calls)
+        out = copy(*args, **kwargs)
+        unused = sorted(set(adapters) - calls.seen)
+        if unused:
+            raise ValueError(f"adapters {unused[:10]} were never applied: their layers did not run in this call")
+        return out
 
     return apply
 

@@ -193,7 +193,7 @@ def test_peft_export_loads_in_pytorch_with_the_same_logits(name, tmp_path):
             attention_bias=False,
         )
     ).eval()
-    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tunix.hf_state_dict(params).items()})
+    torch_model.load_state_dict({k: torch.tensor(v) for k, v in tunix.hf_state_dict(params).items()})
     cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="all-linear")
     _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
     adapters = _random_adapters(adapters)
@@ -336,3 +336,20 @@ def test_with_lora_under_remat_and_dropout():
     assert dropped[0] != dropped[1] and all(abs(d - float(merged)) > 1e-6 for d in dropped)
     grads = jax.jit(jax.grad(lj.lora_loss_fn(model, cfg), argnums=1))(params, adapters, batch)
     assert all(np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
+
+
+def test_an_adapter_whose_layer_does_not_run_is_an_error():
+    class Skip(nnx.Module):
+        def __init__(self):
+            self.used = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.unused = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.used(x)
+
+    model = Skip()
+    _, params, _ = lj.nnx_split(model)
+    cfg = lj.LoraConfig(rank=1, targets=".*")
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="unused.*never applied"):
+        lj.with_lora(model, cfg)(params, adapters, jnp.ones((1, 4)))
