@@ -353,3 +353,33 @@ def test_an_adapter_whose_layer_does_not_run_is_an_error():
     _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
     with pytest.raises(ValueError, match="unused.*never applied"):
         lj.with_lora(model, cfg)(params, adapters, jnp.ones((1, 4)))
+
+
+def test_qwen3_folder_loads_into_tunix(tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    from lora_one_jax.models import load_model
+
+    torch.manual_seed(0)
+    config = tf.Qwen3Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+        rope_theta=100_000.0,
+        tie_word_embeddings=False,
+    )
+    torch_model = tf.Qwen3ForCausalLM(config).eval()
+    torch_model.save_pretrained(tmp_path / "qwen3")
+    model, params, _ = load_model(tmp_path / "qwen3", backend="nnx")
+    assert type(model).__name__ == "Qwen3" and model.config.rope_theta == 100_000.0
+    batch = _batch(shape=(1, 8))
+    with torch.no_grad():
+        reference = torch_model(torch.tensor(np.asarray(batch["input_ids"], np.int64))).logits.numpy()
+    assert _rel(lj.nnx.nnx_forward(model)(params, batch), reference) < 1e-4
+    roundtrip = tunix.hf_state_dict(params)
+    assert all(np.allclose(roundtrip[k], v.numpy(), atol=1e-6) for k, v in torch_model.state_dict().items())

@@ -27,6 +27,7 @@ import importlib
 import re
 import sys
 import threading
+from pathlib import Path
 
 import flax
 import jax
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_one_jax.nnx import nnx_split
+from lora_one_jax.nnx import kernels, nnx_split, to_matrix
 
 FAMILIES = ("llama3", "qwen3", "gemma3")
 _FLAG = "flax_always_shard_variable"
@@ -321,9 +322,10 @@ def from_hf_adapters(adapters, family: str = "llama3"):
 
 
 def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
-    """``(model, params, tokenizer)`` with tunix's ``Llama3`` for a Llama-family spec that ``load_model`` knows
-    (``"smollm2-135m"``, ``"toy-llama"``, a ``.gguf`` file, a local Llama folder): the checkpoint is read as
-    for the linen backend, then its weights are moved into tunix's layout (``tunix_from_linen``).
+    """``(model, params, tokenizer)`` with a tunix model: a local Hugging Face Llama / Qwen 3 folder is read
+    straight into tunix's ``Llama3`` / ``Qwen3`` (``load_hf_nnx``); the other Llama-family specs ``load_model``
+    knows (``"smollm2-135m"``, ``"toy-llama"``, a ``.gguf`` file) are read as for the linen backend, then
+    moved into tunix's ``Llama3`` layout (``tunix_from_linen``).
 
     Example:
         >>> model, params, tok = load_nnx("toy-llama")
@@ -332,6 +334,8 @@ def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
     """
     from lora_one_jax.models.loaders import load_model
 
+    if (Path(spec).expanduser() / "config.json").is_file():
+        return load_hf_nnx(Path(spec).expanduser(), dtype=dtype, tokenizer=tokenizer)
     linen, linen_params, tok = load_model(spec, dtype=dtype, tokenizer=tokenizer)
     if type(linen).__name__ != "FlaxLlamaForCausalLM":
         raise NotImplementedError(
@@ -363,23 +367,112 @@ def hf_state_dict(params) -> dict[str, np.ndarray]:
         >>> sd["model.layers.0.self_attn.o_proj.weight"].shape, sd["model.embed_tokens.weight"].shape
         ((32, 32), (64, 32))
     """
-    from lora_one_jax.nnx import kernels, to_matrix
-
-    ks = kernels(params)
-    by_keys = {k.keys: (path, k) for path, k in ks.items()}
+    by_keys = {k.keys: k for k in kernels(params).values()}
     out = {}
     for keys, var in params.flat_state():
         keys, value = tuple(keys), var.get_value()
-        if keys in by_keys:
-            path, k = by_keys[keys]
-            out[hf_name(path).replace("/", ".") + ".weight"] = np.asarray(to_matrix(value, k.in_axes), np.float32).T
-            continue
-        path = "/".join(map(str, keys))
-        name = next((re.sub(p, t, path) for p, t in _OTHER_WEIGHTS if re.fullmatch(p, path)), None)
-        if name is None:
-            raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3 / Qwen 3 only)")
-        out[name.replace("/", ".")] = np.asarray(value, np.float32)
+        k = by_keys.get(keys)
+        if k is not None:
+            value = np.asarray(to_matrix(value, k.in_axes)).T
+        out[_hf_weight(keys)] = np.asarray(value, np.float32)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _hf_weight(keys) -> str:
+    """The transformers state-dict name of a tunix Llama 3 / Qwen 3 param."""
+    path = "/".join(map(str, keys))
+    name = next((re.sub(p, t, path) for p, t in _OTHER_WEIGHTS if re.fullmatch(p, path)), None)
+    if name is None and str(keys[-1]) in ("w", "kernel"):
+        name = hf_name("/".join(map(str, keys[:-1]))) + "/weight"
+    if name is None:
+        raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3 / Qwen 3 only)")
+    return name.replace("/", ".")
+
+
+def _tunix_config(hf, dtype):
+    """``(family, tunix ModelConfig)`` of a transformers config (Llama or Qwen 3)."""
+    if hf.model_type == "llama":
+        return "llama3", llama_config_from_hf(hf)
+    if hf.model_type == "qwen3":
+        scaling = getattr(hf, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's Qwen3")
+        return "qwen3", import_tunix("qwen3").ModelConfig(
+            num_layers=hf.num_hidden_layers,
+            vocab_size=hf.vocab_size,
+            embed_dim=hf.hidden_size,
+            hidden_dim=hf.intermediate_size,
+            num_heads=hf.num_attention_heads,
+            head_dim=hf.head_dim,
+            num_kv_heads=hf.num_key_value_heads,
+            rope_theta=hf.rope_theta,
+            norm_eps=hf.rms_norm_eps,
+            use_tied_embedding=bool(hf.tie_word_embeddings),
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+    raise NotImplementedError(
+        f"model_type {hf.model_type!r}: backend='nnx' reads Llama and Qwen 3 folders; build other tunix models "
+        "(Gemma 3) with tunix's own loaders and pass them to lora_one_jax.nnx_split(model)"
+    )
+
+
+def _safetensors_tensors(folder):
+    """``{name: numpy array}`` of a folder's ``model.safetensors`` or its shards (read lazily, one file open)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    files = [folder / f for f in files] or [folder / "model.safetensors"]
+    if not files[0].is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors (or index); backend='nnx' reads safetensors")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                out[name] = handle.get_tensor(name)
+    return out
+
+
+def load_hf_nnx(folder, *, dtype=jnp.float32, tokenizer=None):
+    """A local Hugging Face Llama / Qwen 3 folder (safetensors, PyTorch names) as tunix's ``Llama3`` / ``Qwen3``:
+    ``(model, params, tokenizer)``, each weight moved into tunix's layout (the inverse of ``hf_state_dict``).
+
+    Example:
+        >>> model, params, tok = load_hf_nnx("path/to/Qwen3-0.6B")  # doctest: +SKIP
+    """
+    import transformers
+
+    from lora_one_jax.nnx import from_matrix
+
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    family, config = _tunix_config(hf, dtype)
+    cls = {"llama3": "Llama3", "qwen3": "Qwen3"}[family]
+    with tunix_flags():
+        abstract = nnx.eval_shape(lambda: getattr(import_tunix(family), cls)(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx_split(abstract)
+    tensors = _safetensors_tensors(folder)
+    by_keys = {k.keys: k for k in kernels(params).values()}
+    flat = []
+    for keys, var in params.flat_state():
+        keys = tuple(keys)
+        name = _hf_weight(keys)
+        if name not in tensors:
+            raise ValueError(f"{folder} lacks {name!r} (tunix {'/'.join(map(str, keys))}); is it a {cls} checkpoint?")
+        value, k = tensors[name], by_keys.get(keys)
+        if k is not None:
+            value = from_matrix(value.T, k.shape, k.in_axes)
+        if tuple(np.shape(value)) != tuple(var.get_value().shape):
+            raise ValueError(f"{name} has shape {np.shape(value)}, tunix expects {var.get_value().shape}")
+        flat.append((keys, var.replace(value=jnp.asarray(value, dtype))))
+    params = nnx.State.from_flat_path(flat)
+    if tokenizer is None and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return nnx.merge(graphdef, params, rest), params, tokenizer
 
 
 def hf_modules(path: str) -> tuple[str, ...]:
