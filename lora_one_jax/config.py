@@ -134,7 +134,10 @@ class LoraConfig:
         rank_pattern / alpha_pattern: ``{regex: value}`` overrides per module; a key matches a path
             that ends with it (``"q_proj"`` or ``"layers/0/.*"``). First match wins.
         transposed_kernels: modules whose kernel is stored (d_out, d_in), e.g. GPT-2's ``FlaxConv1D``
-            (``["c_attn", "c_proj", "c_fc"]``). Same forms as ``targets``.
+            (``["c_attn", "c_proj", "c_fc"]``). Same forms as ``targets``. The only source of a kernel's
+            layout: ``with_lora`` checks it against each layer (a non-square kernel read the wrong way round,
+            or an ``nn.Dense`` listed here, raises), but a square kernel of another class cannot show its
+            layout (GPT-2's attention ``c_proj``): list it right.
         dtype: adapter dtype name.
 
     Example:
