@@ -292,6 +292,13 @@ def check_params(params, what: str = "params"):
     return params
 
 
+def _nnx_view(params):
+    """An NNX ``State`` seen as a linen params tree of (d_in, d_out) kernel shapes (``lora_one_jax.nnx``)."""
+    from lora_one_jax.nnx import is_nnx_state, target_view
+
+    return target_view(params) if is_nnx_state(params) else params
+
+
 def _is_output_head(path: str) -> bool:
     return any(path == head or path.endswith("/" + head) for head in OUTPUT_HEADS)
 
@@ -364,6 +371,7 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
         >>> list(find_targets(p, LoraConfig(rank=2)))
         ['fc']
     """
+    params = _nnx_view(params)
     kernels = linear_kernels(params)
     if not kernels:
         raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")

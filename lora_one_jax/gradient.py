@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import flat_parts, is_nnx_state
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import BATCH_AXES, batch_sharding, mesh_of, place, to_numpy
 
@@ -96,8 +97,12 @@ def _micro_batch_sharding(mesh, shape) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "keys", "out_shardings"), donate_argnums=0)
-def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shardings=None):
+def _unflatten(flat):
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "keys", "out_shardings", "unflatten"), donate_argnums=0)
+def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shardings=None, unflatten=_unflatten):
     """Add the gradient of ``sum_j weights[j] * loss_fn(params, micro-batch j)`` w.r.t. the targeted kernels
     to the float32 sums ``acc``; also say which modules' gradients and which losses are finite. Module
     level with ``loss_fn`` static, so repeated estimates with the same loss function compile once."""
@@ -105,7 +110,7 @@ def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shar
     def loss_of(kernels):
         flat = dict(rest)
         flat.update({key: kernels[path] for path, key in keys})
-        params = traverse_util.unflatten_dict(flat, sep="/")
+        params = unflatten(flat)
         losses = jax.vmap(lambda batch: loss_fn(params, batch))(stacked)
         return jnp.sum(weights * losses.astype(jnp.float32)), losses
 
@@ -157,13 +162,17 @@ def estimate_gradient(
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
-    keys = {p: kernel_key(p) for p in targets}
-    flat = traverse_util.flatten_dict(params, sep="/")
+    if is_nnx_state(params):  # an NNX model's nnx.Param state: its leaves, N-D kernels seen as matrices at the end
+        flat, keys, unflatten, matrix = flat_parts(params, targets)
+    else:
+        flat, keys, unflatten = traverse_util.flatten_dict(params, sep="/"), {p: kernel_key(p) for p in targets}, None
+        matrix = lambda p, g: g.T if targets[p].transposed else g
     kernels = {p: flat[k] for p, k in keys.items()}
     kernel_keys = set(keys.values())
     rest = {k: v for k, v in flat.items() if k not in kernel_keys}
     order = sorted(targets)
-    step = partial(_accumulate, loss_fn=loss_fn, keys=tuple((p, keys[p]) for p in order))
+    keys_in_order = tuple((p, keys[p]) for p in order)
+    step = partial(_accumulate, loss_fn=loss_fn, keys=keys_in_order, unflatten=unflatten or _unflatten)
     acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
     mesh, out_shardings = mesh_of(kernels), None
     if mesh is not None:  # sharded params: sums sharded like the kernels, micro-batches split over the data axes
@@ -206,4 +215,4 @@ def estimate_gradient(
             bar.update(len(members))
     bar.close()
     check(*pending)
-    return {p: acc[p].T if targets[p].transposed else acc[p] for p in order}
+    return {p: matrix(p, acc[p]) for p in order}

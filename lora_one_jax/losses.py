@@ -23,6 +23,7 @@ import numpy as np
 
 from lora_one_jax._hf import is_hf_model
 from lora_one_jax.config import LoraConfig, Target
+from lora_one_jax.nnx import is_nnx_module, logits_of, nnx_forward, tunix_inputs
 from lora_one_jax.transform import with_lora
 
 
@@ -199,6 +200,9 @@ def full_loss_fn(model) -> Callable:
         >>> float(full_loss_fn(model)(params, batch)) > 0
         True
     """
+    if is_nnx_module(model):  # tunix call convention: model(tokens, positions, cache, attention_mask)
+        forward_nnx = nnx_forward(model)
+        return lambda params, batch: _loss(forward_nnx(params, batch), batch)
     if is_hf_model(model):
         forward = lambda params, ids, **kw: model(ids, params=params, **kw)
     else:
@@ -225,6 +229,10 @@ def lora_loss_fn(model, config: LoraConfig, *, targets: dict[str, Target] | None
         True
     """
     apply = with_lora(model, config, targets=targets)
+    if is_nnx_module(model):
+        return lambda base, adapters, batch, lora_rng=None: _loss(
+            logits_of(apply(base, adapters, *tunix_inputs(batch), lora_rng=lora_rng)), batch
+        )
 
     def loss(base, adapters, batch, lora_rng=None):
         out = apply({"params": base}, adapters, batch["input_ids"], lora_rng=lora_rng, **model_inputs(batch))
