@@ -26,7 +26,7 @@ import lora_one_jax as lj
 from lora_one_jax.data import DataError, load_task
 from lora_one_jax.eval import Evaluator
 from lora_one_jax.models import load_model
-from lora_one_jax.sharding import LLAMA_RULES, make_mesh
+from lora_one_jax.sharding import LLAMA_RULES, make_mesh, shard_params
 from lora_one_train import errors
 from lora_one_train.config import ConfigError, RunConfig, config_differences, resumable
 from lora_one_train.context import Gradient, Phases, RunContext
@@ -126,6 +126,15 @@ def load_run_task(cfg: RunConfig):
     return task
 
 
+def load_model_on(cfg: RunConfig, dtype, mesh, rules):
+    """``(model, params, tokenizer)`` of ``model.spec`` on the mesh: linen weights placed as they are read,
+    NNX params placed after loading by their own sharding metadata (``lora_one_jax.sharding.shard_params``)."""
+    if cfg.model.backend == "linen":
+        return load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
+    model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, backend="nnx")
+    return model, (params if mesh is None else shard_params(params, mesh, rules)), tokenizer
+
+
 def load(cfg: RunConfig, *, progress: bool) -> RunContext:
     """The run's shared context: the model (placed on the mesh), its targets, the task and its evaluator."""
     phases = Phases()
@@ -133,7 +142,7 @@ def load(cfg: RunConfig, *, progress: bool) -> RunContext:
     mesh, rules = build_mesh(cfg)
     with phases("load model"):
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-        model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
+        model, params, tokenizer = load_model_on(cfg, dtype, mesh, rules)
     with phases("load task"):
         task = load_run_task(cfg)
     print(f"data: {task.summary(eval_limit=cfg.eval.limit)}")
