@@ -39,6 +39,7 @@ from lora_one_jax.losses import (
     token_logprobs,
 )
 from lora_one_jax.methods import INITS, METHODS, Init, Method, init_adapters
+from lora_one_jax.nnx import nnx_split
 from lora_one_jax.optim import lora_one, lora_one_precond, precondition_pair
 from lora_one_jax.spectral import gradient_passes, lora_ga_init, pissa_init, spectral_init, spectral_init_streamed
 from lora_one_jax.step_size import GammaChoice, choose_gamma, rescale, unit_spectral_init
@@ -58,6 +59,7 @@ __all__ = [
     "lora_init",
     "matches",
     "merge",
+    "nnx_split",
     "stack_adapters",
     "unmerge",
     "unstack_adapters",

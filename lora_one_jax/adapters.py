@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import is_nnx_state, shift_kernels
 
 
 def lora_init(targets: dict[str, Target], dtype, *, key: jax.Array) -> Adapters:
@@ -101,6 +102,8 @@ def _delta(adapter, target: Target) -> jax.Array:
 def _shift_kernels(params, adapters: Adapters, config: LoraConfig, sign: float, targets: dict[str, Target] | None):
     targets = find_targets(params, config) if targets is None else targets
     check_adapters(adapters, targets)
+    if is_nnx_state(params):
+        return shift_kernels(params, adapters, targets, sign)
     flat = traverse_util.flatten_dict(params, sep="/")
     for path, adapter in adapters.items():
         w = flat[kernel_key(path)]

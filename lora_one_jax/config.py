@@ -134,7 +134,10 @@ class LoraConfig:
         rank_pattern / alpha_pattern: ``{regex: value}`` overrides per module; a key matches a path
             that ends with it (``"q_proj"`` or ``"layers/0/.*"``). First match wins.
         transposed_kernels: modules whose kernel is stored (d_out, d_in), e.g. GPT-2's ``FlaxConv1D``
-            (``["c_attn", "c_proj", "c_fc"]``). Same forms as ``targets``.
+            (``["c_attn", "c_proj", "c_fc"]``). Same forms as ``targets``. The only source of a kernel's
+            layout: ``with_lora`` checks it against each layer (a non-square kernel read the wrong way round,
+            or an ``nn.Dense`` listed here, raises), but a square kernel of another class cannot show its
+            layout (GPT-2's attention ``c_proj``): list it right.
         dtype: adapter dtype name.
 
     Example:
@@ -289,6 +292,13 @@ def check_params(params, what: str = "params"):
     return params
 
 
+def _nnx_view(params):
+    """An NNX ``State`` seen as a linen params tree of (d_in, d_out) kernel shapes (``lora_one_jax.nnx``)."""
+    from lora_one_jax.nnx import is_nnx_state, target_view
+
+    return target_view(params) if is_nnx_state(params) else params
+
+
 def _is_output_head(path: str) -> bool:
     return any(path == head or path.endswith("/" + head) for head in OUTPUT_HEADS)
 
@@ -361,6 +371,7 @@ def find_targets(params, config: LoraConfig) -> dict[str, Target]:
         >>> list(find_targets(p, LoraConfig(rank=2)))
         ['fc']
     """
+    params = _nnx_view(params)
     kernels = linear_kernels(params)
     if not kernels:
         raise ValueError("params hold no module with a 'kernel'; pass the params collection (e.g. model.params)")

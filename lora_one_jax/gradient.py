@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_one_jax.config import LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import flat_parts, is_nnx_state
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import BATCH_AXES, batch_sharding, mesh_of, place, to_numpy
 
@@ -96,8 +97,12 @@ def _micro_batch_sharding(mesh, shape) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "keys", "out_shardings"), donate_argnums=0)
-def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shardings=None):
+def _unflatten(flat):
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "keys", "out_shardings", "unflatten"), donate_argnums=0)
+def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shardings=None, unflatten=_unflatten):
     """Add the gradient of ``sum_j weights[j] * loss_fn(params, micro-batch j)`` w.r.t. the targeted kernels
     to the float32 sums ``acc``; also say which modules' gradients and which losses are finite. Module
     level with ``loss_fn`` static, so repeated estimates with the same loss function compile once."""
@@ -105,7 +110,7 @@ def _accumulate(acc, kernels, rest, stacked, weights, *, loss_fn, keys, out_shar
     def loss_of(kernels):
         flat = dict(rest)
         flat.update({key: kernels[path] for path, key in keys})
-        params = traverse_util.unflatten_dict(flat, sep="/")
+        params = unflatten(flat)
         losses = jax.vmap(lambda batch: loss_fn(params, batch))(stacked)
         return jnp.sum(weights * losses.astype(jnp.float32)), losses
 
@@ -133,9 +138,14 @@ def _selected(targets: dict, modules: Iterable[str] | None) -> dict:
 
 
 def _split(params, targets: dict) -> tuple:
-    """(sorted module paths, ((path, kernel key), ...), {path: kernel}, {other flat key: leaf}) of ``params``."""
-    keys = {p: kernel_key(p) for p in targets}
-    flat = traverse_util.flatten_dict(params, sep="/")
+    """(sorted module paths, ((path, kernel key), ...), {path: kernel}, {other flat key: leaf}, unflatten,
+    matrix) of ``params``: ``unflatten`` rebuilds the params from the flat dict, ``matrix(path, g)`` turns a
+    kernel's gradient into its (d_in, d_out) matrix. An NNX model's nnx.Param state works as a params dict."""
+    if is_nnx_state(params):  # an NNX model's nnx.Param state: its leaves, N-D kernels seen as matrices at the end
+        flat, keys, unflatten, matrix = flat_parts(params, targets)
+    else:
+        flat, keys, unflatten = traverse_util.flatten_dict(params, sep="/"), {p: kernel_key(p) for p in targets}, None
+        matrix = lambda p, g: g.T if targets[p].transposed else g
     kernel_keys = set(keys.values())
     order = sorted(targets)
     return (
@@ -143,6 +153,8 @@ def _split(params, targets: dict) -> tuple:
         tuple((p, keys[p]) for p in order),
         {p: flat[keys[p]] for p in order},
         {k: v for k, v in flat.items() if k not in kernel_keys},
+        unflatten or _unflatten,
+        matrix,
     )
 
 
@@ -167,11 +179,11 @@ def lower_gradient_step(
         >>> step.compile().memory_analysis().argument_size_in_bytes >= 2 * 512 * 256 * 4  # kernel + gradient sum
         True
     """
-    order, keys, kernels, rest = _split(params, _selected(find_targets(params, config), modules))
+    order, keys, kernels, rest, unflatten, _ = _split(params, _selected(find_targets(params, config), modules))
     acc = {p: jax.ShapeDtypeStruct(kernels[p].shape, jnp.float32) for p in order}
     stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro_batches_per_step, *x.shape), x.dtype), batch)
     weights = jax.ShapeDtypeStruct((micro_batches_per_step,), jnp.float32)
-    return _accumulate.lower(acc, kernels, rest, stacked, weights, loss_fn=loss_fn, keys=keys)
+    return _accumulate.lower(acc, kernels, rest, stacked, weights, loss_fn=loss_fn, keys=keys, unflatten=unflatten)
 
 
 def estimate_gradient(
@@ -220,8 +232,8 @@ def estimate_gradient(
     batches = pad_micro_batches(list(batches))
     if not batches:
         raise ValueError("batches is empty: estimate_gradient needs at least one micro-batch")
-    order, keys, kernels, rest = _split(params, targets)
-    step = partial(_accumulate, loss_fn=loss_fn, keys=keys)
+    order, keys, kernels, rest, unflatten, matrix = _split(params, targets)
+    step = partial(_accumulate, loss_fn=loss_fn, keys=keys, unflatten=unflatten)
     acc = {p: np.zeros(np.shape(k), np.float32) for p, k in kernels.items()}  # host zeros: nothing to compile
     mesh, out_shardings = mesh_of(kernels), None
     if mesh is not None:  # sharded params: sums sharded like the kernels, micro-batches split over the data axes
@@ -264,4 +276,4 @@ def estimate_gradient(
             bar.update(len(members))
     bar.close()
     check(*pending)
-    return {p: acc[p].T if targets[p].transposed else acc[p] for p in order}
+    return {p: matrix(p, acc[p]) for p in order}

@@ -24,6 +24,7 @@ import numpy as np
 from lora_one_jax._hf import is_hf_model
 from lora_one_jax.config import LoraConfig, Target
 from lora_one_jax.head import HEAD, head_logprobs, supervised_loss
+from lora_one_jax.nnx import is_nnx_module, logits_of, nnx_forward, tunix_inputs
 from lora_one_jax.remat import check_remat, remat_layers
 from lora_one_jax.transform import with_lora
 
@@ -198,6 +199,14 @@ def _check_head_options(vocab_chunk, head: str) -> None:
         raise ValueError(f"head must be the output head's module name (e.g. 'lm_head'), got {head!r}")
 
 
+def _linen_only(vocab_chunk, remat: str) -> None:
+    if vocab_chunk is not None or remat != "none":
+        raise ValueError(
+            "vocab_chunk and remat work through flax.linen interception, not yet on NNX models; "
+            "use vocab_chunk=None and remat='none' with an NNX model"
+        )
+
+
 def _batch_loss(forward: Callable, batch, vocab_chunk, head: str, remat: str) -> jax.Array:
     """The loss of ``forward()`` on ``batch``: logits only at ``loss_positions`` / in vocabulary chunks when asked,
     layers rematerialised as ``remat`` says."""
@@ -229,6 +238,10 @@ def full_loss_fn(model, *, vocab_chunk: int | None = None, head: str = HEAD, rem
     """
     _check_head_options(vocab_chunk, head)
     check_remat(remat)
+    if is_nnx_module(model):  # tunix call convention: model(tokens, positions, cache, attention_mask)
+        _linen_only(vocab_chunk, remat)
+        forward_nnx = nnx_forward(model)
+        return lambda params, batch: _loss(forward_nnx(params, batch), batch)
     if is_hf_model(model):
         forward = lambda params, ids, **kw: model(ids, params=params, **kw)
     else:
@@ -271,6 +284,11 @@ def lora_loss_fn(
     _check_head_options(vocab_chunk, head)
     check_remat(remat)
     apply = with_lora(model, config, targets=targets)
+    if is_nnx_module(model):  # (loss_positions are ignored: the full logits give the same loss)
+        _linen_only(vocab_chunk, remat)
+        return lambda base, adapters, batch, lora_rng=None: _loss(
+            logits_of(apply(base, adapters, *tunix_inputs(batch), lora_rng=lora_rng)), batch
+        )
 
     def loss(base, adapters, batch, lora_rng=None):
         if ("loss_positions" in batch or vocab_chunk is not None) and any(

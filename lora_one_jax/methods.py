@@ -28,6 +28,7 @@ from flax import traverse_util
 
 from lora_one_jax.adapters import lora_init, unmerge
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import is_nnx_state, logical_kernels
 from lora_one_jax.spectral import lora_ga_init, pissa_init, spectral_init
 
 
@@ -71,6 +72,8 @@ def _checked_grads(grads, targets: dict[str, Target]) -> dict[str, jax.Array]:
 
 
 def _logical_kernels(params, targets: dict[str, Target]) -> dict[str, jax.Array]:
+    if is_nnx_state(params):  # an NNX model's nnx.Param state: N-D kernels as (d_in, d_out) matrices
+        return logical_kernels(params, targets)
     flat = traverse_util.flatten_dict(params, sep="/")
     return {p: (flat[kernel_key(p)].T if t.transposed else flat[kernel_key(p)]) for p, t in targets.items()}
 

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_one_jax.config import Adapters, LoraConfig, Target, find_targets, kernel_key
+from lora_one_jax.nnx import adapter_specs_nnx, is_nnx_state, shard_nnx
 
 AXES = ("data", "fsdp", "tensor")
 #: The axes a batch is split over: every example lives on one (data, fsdp) coordinate.
@@ -140,6 +141,8 @@ def shard_params(params, mesh: Mesh, rules: Rules = LLAMA_RULES):
         >>> p["lm_head"]["kernel"].sharding.spec
         P('fsdp', 'tensor')
     """
+    if is_nnx_state(params):  # an NNX model's params: placed by their own sharding metadata (tunix's names)
+        return shard_nnx(params, mesh)
     specs = param_specs(params, rules, mesh)
     return jax.tree.map(
         lambda x, s: place(x, NamedSharding(mesh, s)), params, specs, is_leaf=lambda x: isinstance(x, P)
@@ -158,9 +161,11 @@ def adapter_specs(
         >>> adapter_specs(p, LoraConfig(rank=2), LLAMA_RULES, make_mesh())["mlp/up_proj"]
         {'a': P('fsdp',), 'b': P(None, 'tensor')}
     """
+    targets = find_targets(params, config) if targets is None else targets
+    if is_nnx_state(params):  # an NNX model's params: specs from the kernels' own sharding metadata (rules unused)
+        return adapter_specs_nnx(params, targets, mesh)
     flat = traverse_util.flatten_dict(params, sep="/")
     out = {}
-    targets = find_targets(params, config) if targets is None else targets
     for path, t in targets.items():
         spec = tuple(spec_for(kernel_key(path), np.shape(flat[kernel_key(path)]), rules, mesh)) + (None, None)
         d_in, d_out = (spec[1], spec[0]) if t.transposed else (spec[0], spec[1])
@@ -274,15 +279,26 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` a batch is split over: those of ``BATCH_AXES`` it has (tunix's ``('fsdp', 'tp')``:
+    ``('fsdp',)``).
+
+    Example:
+        >>> batch_axes(make_mesh()), batch_axes(Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("fsdp", "tp")))
+        (('data', 'fsdp'), ('fsdp',))
+    """
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
-    """Rows of a batch split over the data axes (``("data", "fsdp")``), every other axis whole.
+    """Rows of a batch split over the mesh's data axes (``batch_axes``), every other axis whole.
 
     Example:
         >>> batch_sharding(make_mesh(), ndim=3, batch_axis=1).spec
         P(None, ('data', 'fsdp'))
     """
     entries = [None] * ndim
-    entries[batch_axis] = BATCH_AXES
+    entries[batch_axis] = batch_axes(mesh) or None
     while entries and entries[-1] is None:
         entries.pop()
     return NamedSharding(mesh, P(*entries))

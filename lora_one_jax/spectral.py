@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_one_jax.config import OUTPUT_HEADS, Adapters, LoraConfig, Target, find_targets, matches
 from lora_one_jax.gradient import estimate_gradient
-from lora_one_jax.sharding import AXES, mesh_of, to_numpy
+from lora_one_jax.sharding import mesh_of, to_numpy
 from lora_one_jax.svd import top_svd
 
 
@@ -149,10 +149,11 @@ def _svd_per_device(x, rank, *, method, key, tol):
         {shard.device: shard.data for shard in key.addressable_shards} if hasattr(key, "addressable_shards") else {}
     )
     results = []
-    for shard in x.addressable_shards:
-        results.append(top_svd(shard.data, rank, method=method, key=local_keys.get(shard.device, key), tol=tol))
-        if shard.device.platform == "cpu":
-            jax.block_until_ready(results[-1])
+    with jax.set_mesh(None):  # single-device programs, also inside a user's `with jax.set_mesh(mesh):`
+        for shard in x.addressable_shards:
+            results.append(top_svd(shard.data, rank, method=method, key=local_keys.get(shard.device, key), tol=tol))
+            if shard.device.platform == "cpu":
+                jax.block_until_ready(results[-1])
     sharding = NamedSharding(x.sharding.mesh, P(*x.sharding.spec[:1]))
     return tuple(
         jax.make_array_from_single_device_arrays((x.shape[0], *part.shape[1:]), sharding, [r[i] for r in results])
@@ -195,7 +196,8 @@ def _run(
         scales = np.asarray([config.scale_for(p) for p in paths], np.float32)
         shard = _shard_mode(mesh, len(paths), min(mats[paths[0]].shape))
         pad = -len(paths) % mesh.size if shard == "stack" else 0
-        layout = {"stack": P(AXES), "rows": P(None, AXES)}.get(shard)
+        axes = None if mesh is None else tuple(mesh.axis_names)  # every axis of the mesh, whatever its names
+        layout = {"stack": P(axes), "rows": P(None, axes)}.get(shard)
         x, peak, group_key = _stack(
             [mats[p] for p in paths],
             key,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lora_one_jax._hf import is_hf_model
 from lora_one_jax.adapters import check_adapters
 from lora_one_jax.config import LoraConfig, Target, find_targets
+from lora_one_jax.nnx import is_nnx_module, with_lora_nnx
 
 #: GPT-2's layers store their kernels (d_out, d_in); what to say when the config does not.
 _GPT2_HINT = "GPT-2: transposed_kernels=['c_attn', 'c_proj', 'c_fc']"
@@ -112,7 +113,9 @@ def with_lora(module, config: LoraConfig, *, targets: dict[str, Target] | None =
     if an adapter does not fit the config (a module it does not target, another rank, wrong shapes), if a
     layer's kernel layout disagrees with ``LoraConfig.transposed_kernels`` (see ``check_layout``) or if its
     module is never called. ``targets``: ``find_targets(params, config)`` when the caller already has it
-    (resolved from the params of each call otherwise).
+    (resolved from the params of each call otherwise). For a ``flax.nnx.Module`` the first argument is the
+    model's ``nnx.Param`` state (``lora_one_jax.nnx_split(model)[1]``) and a merged copy runs, never ``module``
+    itself (``lora_one_jax.nnx.with_lora_nnx``).
 
     Example:
         >>> model = nn.Dense(2, name="fc")
@@ -122,9 +125,14 @@ def with_lora(module, config: LoraConfig, *, targets: dict[str, Target] | None =
         >>> (apply(variables, ad, jnp.ones((1, 3))) - model.apply(variables, jnp.ones((1, 3)))).tolist()
         [[3.0, 3.0]]
     """
+    if is_nnx_module(module):
+        return with_lora_nnx(module, config, targets=targets)
     hf = is_hf_model(module)
     if not hf and not isinstance(module, nn.Module):
-        raise TypeError(f"with_lora needs a flax.linen.Module or a HF FlaxPreTrainedModel, got {type(module).__name__}")
+        raise TypeError(
+            "with_lora needs a flax.linen.Module, a HF FlaxPreTrainedModel or a flax.nnx.Module, "
+            f"got {type(module).__name__}"
+        )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"with_lora needs a LoraConfig, got {type(config).__name__}")
     resolved = targets

@@ -15,7 +15,7 @@ import yaml
 
 from lora_one_jax.export import load_adapters
 from lora_one_train import errors
-from lora_one_train import run as run_module
+from lora_one_train import method as method_module
 from lora_one_train.checkpoint import Checkpointer
 from lora_one_train.config import ConfigError, RunConfig
 from lora_one_train.run import run
@@ -63,14 +63,14 @@ def like_state(tmp_path):
 def test_an_interrupted_run_keeps_every_loss_before_its_checkpoint(tmp_path, monkeypatch):
     cfg = base_config(tmp_path, **{"train.log_every": 4, "checkpoint.every": 2, "eval.every": 3})
     straight = run(RunConfig.from_dict({**cfg, "name": "straight"}), progress=False)["methods"]["lora"]
-    evaluate = run_module.evaluate
+    evaluate = method_module.evaluate
 
     def killed_at_step_3(ctx, job, state):
         if state.step == 3:
             raise KeyboardInterrupt  # the user's Ctrl-C, after checkpoint 2 and before the log at 4
         return evaluate(ctx, job, state)
 
-    monkeypatch.setattr(run_module, "evaluate", killed_at_step_3)
+    monkeypatch.setattr(method_module, "evaluate", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(RunConfig.from_dict(cfg), progress=False)
     folder = tmp_path / "runs" / "tiny" / "lora"

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import yaml
 from jax.sharding import NamedSharding
@@ -195,7 +196,8 @@ def test_training_steps_equal_one_device_with_sharded_state(tmp_path, mesh_name)
             assert stack["a"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp")), 3)
             assert stack["b"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "tensor")), 3)
             assert stack["b"].addressable_shards[0].data.shape[-1] == 128 // mesh.shape["tensor"]
-    adam = opt_state[2][0]  # chain(clip, precond, adamw) -> adamw's ScaleByAdamState
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+    adam = next(x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x))  # AdamW's moments
     for group in trainable:
         assert adam.mu[group]["a"].sharding.is_equivalent_to(trainable[group]["a"].sharding, 3)
         assert adam.nu[group]["b"].sharding.is_equivalent_to(trainable[group]["b"].sharding, 3)

@@ -54,3 +54,21 @@ def test_a_sweep_chooses_rates_pairs_seeds_and_resumes(tmp_path):
     mtimes = {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")}
     run_sweep(cfg, progress=False)  # finished: nothing is trained again
     assert {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")} == mtimes
+
+
+def test_gamma_auto_through_the_trainer_is_logged_and_used(tmp_path):
+    """init.gamma: auto picks one of the candidates by the loss on the examples after the gradient examples,
+    logs what it chose at step 0, and trains from the adapters of that gamma."""
+    import numpy as np
+
+    import lora_one_jax as lj
+    from lora_one_train.run import run
+
+    cfg = tiny_config(tmp_path, methods=["lora-one"], **{"init.gamma": "auto", "train.steps": 1})
+    cfg["eval"]["diagnostics"] = False
+    first = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"][0]
+    scored = {float(k.removeprefix("init/gamma_loss/")): v for k, v in first.items() if "gamma_loss/" in k}
+    assert len(scored) == len(lj.step_size.DEFAULT_GAMMAS) and all(np.isfinite(list(scored.values())))
+    assert first["init/gamma"] in lj.step_size.DEFAULT_GAMMAS
+    assert first["init/gamma"] == min(scored, key=scored.get)
+    assert first["init/gamma_forward_passes"] >= 4  # 32 examples in batches of 4, at least one candidate

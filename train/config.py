@@ -153,14 +153,18 @@ def _number(value, what, low=None, high=None, low_open=False):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``spec``: a ``lora_one_jax.models.load_model`` spec; ``dtype``: params and compute dtype."""
+    """``spec``: a ``lora_one_jax.models.load_model`` spec; ``dtype``: params and compute dtype; ``backend``:
+    ``linen`` (Hugging Face Flax classes) or ``nnx`` (tunix's NNX classes, ``pip install -e ".[nnx]"``)."""
 
     spec: str = "smollm2-135m"
     dtype: str = "float32"
+    backend: str = "linen"
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.backend not in ("linen", "nnx"):
+            raise ConfigError(f"model.backend must be 'linen' or 'nnx', got {self.backend!r}")
 
 
 @dataclasses.dataclass(frozen=True)

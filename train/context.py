@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any
+from typing import Any, NamedTuple
+
+import jax
 
 from lora_one_jax import Target
 
@@ -38,9 +40,10 @@ class Phases:
 class RunContext:
     """The inputs every method of a run shares (frozen), and its caches (explicit fields, mutable contents).
 
-    ``targets`` is ``find_targets(params, cfg.lora)``, resolved once for the whole run. ``steps`` maps a
-    ``StepSpec`` (and the state's shapes) to its compiled train step, so runs that differ only in seed or
-    learning rate reuse one program. ``phases`` accumulates the wall time of each stage.
+    ``targets`` is ``find_targets(params, cfg.lora)``, resolved once for the whole run. ``steps`` holds the
+    run's compiled programs: a ``StepSpec`` (and the state's shapes) maps to its train step, so runs that
+    differ only in seed or learning rate reuse one program, and ``("gamma loss", lora config)`` to
+    ``init.gamma: auto``'s scoring loss. ``phases`` accumulates the wall time of each stage.
     """
 
     cfg: Any  # RunConfig
@@ -61,10 +64,32 @@ class RunContext:
 class Gradient:
     """The run's gradient stage: the full fine-tuning gradient ``grads`` (None when no method needs it), the
     top-r subspaces of each ``G`` the diagnostics measure adapters against (None when off), their stability
-    between two disjoint halves of the gradient examples (logged once, at step 0), and the batches
-    ``init.gamma: auto`` scores its candidates on (the training examples after the gradient examples)."""
+    between two disjoint halves of the gradient examples (logged once, at step 0)."""
 
     grads: dict | None = None
     subspaces: dict | None = None
     stability: dict = dataclasses.field(default_factory=dict)
-    gamma_batches: list = dataclasses.field(default_factory=list)
+
+
+class Keys(NamedTuple):
+    """The run's PRNG keys, split once by purpose: ``init`` (LoRA's random A, randomized SVD sketches) and
+    ``dropout`` (LoRA dropout, folded with the step). ``init`` is ``key(seed)`` itself, so initial adapters
+    are those of ``init_adapters(..., key=jax.random.key(seed))``.
+
+    Example:
+        >>> keys = Keys.of(0)
+        >>> bool((jax.random.key_data(keys.init) == jax.random.key_data(keys.dropout)).all())
+        False
+    """
+
+    init: jax.Array
+    dropout: jax.Array
+
+    @classmethod
+    def of(cls, seed: int) -> Keys:
+        root = jax.random.key(seed)
+        return cls(init=root, dropout=jax.random.fold_in(root, DROPOUT_STREAM))
+
+
+#: ``Keys.dropout`` is ``fold_in(key(seed), DROPOUT_STREAM)``.
+DROPOUT_STREAM = 1

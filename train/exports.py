@@ -15,6 +15,7 @@ import lora_one_jax as lj
 from lora_one_jax.export import fold_residual, load_adapters, save_adapters, save_peft
 from lora_one_jax.models import hub_id
 from lora_one_jax.models.export import save_pretrained
+from lora_one_jax.nnx import is_nnx_module
 from lora_one_jax.sharding import to_numpy
 
 
@@ -39,7 +40,7 @@ def export_full(ctx, folder: Path, params) -> dict:
     params = to_host(params)
     if not is_main_process() or not (cfg.export.merged or cfg.export.adapters or cfg.export.peft):
         return {}
-    return {"merged": str(save_pretrained(folder / "merged", ctx.model, params, ctx.tokenizer))}
+    return {"merged": str(merged_folder(folder / "merged", ctx.model, params, ctx.tokenizer))}
 
 
 def export_adapters(ctx, folder: Path, method: str, base, adapters) -> dict:
@@ -58,12 +59,25 @@ def export_adapters(ctx, folder: Path, method: str, base, adapters) -> dict:
         if residual:
             initial, _ = load_adapters(initial_adapters_dir(folder))
             peft_adapters, peft_config = fold_residual(adapters, initial, cfg.lora)
+        if is_nnx_module(ctx.model):  # PEFT files name modules as Hugging Face does
+            from lora_one_jax.models.tunix import to_hf_adapters
+
+            peft_adapters = to_hf_adapters(peft_adapters)
         base_name = hub_name(cfg.model.spec)
         out["peft"] = str(save_peft(folder / "peft", peft_adapters, peft_config, base_model_name_or_path=base_name))
     if cfg.export.merged:
         merged = lj.merge(host_base, adapters, cfg.lora, targets=ctx.targets)
-        out["merged"] = str(save_pretrained(folder / "merged", ctx.model, merged, ctx.tokenizer))
+        out["merged"] = str(merged_folder(folder / "merged", ctx.model, merged, ctx.tokenizer))
     return out
+
+
+def merged_folder(folder: Path, model, params, tokenizer) -> Path:
+    """A Hugging Face model folder (``config.json`` + ``model.safetensors`` + tokenizer), linen or NNX."""
+    if is_nnx_module(model):
+        from lora_one_jax.models.tunix import save_pretrained_nnx
+
+        return save_pretrained_nnx(folder, model, params, tokenizer)
+    return save_pretrained(folder, model, params, tokenizer)
 
 
 def hub_name(spec: str) -> str:

@@ -12,7 +12,8 @@ Example:
     >>> state = TrainState(step=0, trainable={}, opt_state=())
     >>> hooks = [Hook(every=2, fn=lambda info: seen.append(info.step))]
     >>> logged = []
-    >>> state = fit(state, iter(range(10)), hooks, train_step=train_step, total_steps=5, on_losses=logged.extend)
+    >>> batches = iter([{"attention_mask": np.ones((2, 3))}] * 5)
+    >>> state = fit(state, batches, hooks, train_step=train_step, total_steps=5, on_losses=logged.extend)
     >>> state.step, seen, [r["step"] for r in logged]
     (5, [2, 4, 5], [1, 2, 3, 4, 5])
 """
@@ -91,7 +92,8 @@ def fit(
 ) -> TrainState:
     """Train from ``state.step`` to ``total_steps``; returns the final state.
 
-    ``train_step(state, batches) -> (state, loss, grad_norm)`` takes ``accum`` batches of ``stream``.
+    ``train_step(state, batches) -> (state, loss, grad_norm)`` takes ``accum`` batches of ``stream`` (dicts
+    of arrays; their ``attention_mask`` counts the tokens for the tokens/s in the records).
     ``on_losses(records)`` receives every step's checked record exactly once, in order, before the hooks of
     that step run (so a checkpoint never holds a step whose loss was not logged).
     """
@@ -99,7 +101,7 @@ def fit(
     for step in range(state.step + 1, total_steps + 1):
         batches = [next(stream) for _ in range(accum)]
         state, loss, grad_norm = train_step(state, batches)
-        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b))
+        tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
         pending.append((step, loss, grad_norm, tokens))
         due = [h for h in hooks if h.due(step, total_steps)]
         if due or step % log_every == 0 or step == total_steps:

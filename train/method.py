@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +18,33 @@ from jax.sharding import NamedSharding
 import lora_one_jax as lj
 from lora_one_jax.data import BatchStream, fingerprint
 from lora_one_jax.export import load_adapters, save_adapters
+from lora_one_jax.gradient import pad_micro_batches
 from lora_one_jax.losses import decoder_start_id, mean_nll
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import adapter_specs, like_params, place, stacked_adapter_specs
 from lora_one_train import errors
 from lora_one_train.checkpoint import Checkpointer
 from lora_one_train.config import ConfigError, RunConfig, config_differences, resumable
-from lora_one_train.context import Gradient, RunContext
+from lora_one_train.context import Gradient, Keys, RunContext
 from lora_one_train.exports import export_adapters, export_full, initial_adapters_dir, is_main_process, to_host
 from lora_one_train.hooks import LossLog, checkpoint_hook, evaluation_hook, log_record
 from lora_one_train.loggers import make_loggers
 from lora_one_train.loop import NonFiniteLossError, TrainState, fit
-from lora_one_train.step import StepSpec, compiled_step, optimizer, schedule, stack_micro_batches, total_steps
+from lora_one_train.step import (
+    StepSpec,
+    compiled_step,
+    example_batches,
+    optimizer,
+    schedule,
+    stack_micro_batches,
+    total_steps,
+)
+
+#: The training examples after the gradient examples on which ``init.gamma: auto`` scores its candidates,
+#: with a golden-section search over them (measured on SmolLM2: 16 examples choose the gamma 32 choose, and
+#: the search costs about 2-3 training steps where scoring all 8 candidates on 32 examples costs 8.5).
+GAMMA_EXAMPLES = 16
+GAMMA_SEARCH = "golden"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +82,7 @@ def initial_adapters(ctx: RunContext, method: str, gradient: Gradient):
         options.update(grads=gradient.grads, gamma=cfg.init.gamma if init == "lora-one" else cfg.init.lora_ga_gamma)
     with ctx.phases("init" if init == "lora" else "init (SVD)"):
         base, adapters = lj.init_adapters(
-            ctx.params, cfg.lora, key=jax.random.key(cfg.seed), method=init, targets=ctx.targets, **options
+            ctx.params, cfg.lora, key=Keys.of(cfg.seed).init, method=init, targets=ctx.targets, **options
         )
         return base, jax.block_until_ready(adapters), {}
 
@@ -74,15 +90,21 @@ def initial_adapters(ctx: RunContext, method: str, gradient: Gradient):
 def auto_gamma_adapters(ctx: RunContext, gradient: Gradient):
     """LoRA-One with ``init.gamma: auto``: the SVD once, every candidate gamma scored by the loss on the
     training examples after the gradient examples (forward passes only), the best used."""
-    cfg, key = ctx.cfg, jax.random.key(ctx.cfg.seed)
+    cfg, key = ctx.cfg, Keys.of(ctx.cfg.seed).init
     with ctx.phases("init (SVD)"):
         unit = lj.unit_spectral_init(gradient.grads, cfg.lora, svd=cfg.init.svd, key=key)
     with ctx.phases("init (gamma: auto)"):
-        loss = lj.lora_loss_fn(ctx.model, cfg.lora, targets=ctx.targets)
-        choice = lj.choose_gamma(loss, ctx.params, None, cfg.lora, gradient.gamma_batches, unit=unit)
+        started = time.perf_counter()
+        key = ("gamma loss", cfg.lora)  # one scoring program per run (and per sweep): the loss is cached
+        loss = ctx.steps.setdefault(key, lj.lora_loss_fn(ctx.model, cfg.lora, targets=ctx.targets))
+        first = cfg.init.grad_examples
+        batches = pad_micro_batches(example_batches(ctx, first, first + GAMMA_EXAMPLES, cfg.train.batch_size))
+        choice = lj.choose_gamma(loss, ctx.params, None, cfg.lora, batches, unit=unit, search=GAMMA_SEARCH)
         adapters = jax.block_until_ready(lj.rescale(unit, choice.gamma, cfg.lora.dtype))
+        seconds = time.perf_counter() - started
     losses = {f"init/gamma_loss/{g:g}": value for g, value in choice.losses.items()}
     record = {"init/gamma": choice.gamma, "init/gamma_forward_passes": choice.forward_passes, **losses}
+    record["init/gamma_seconds"] = seconds
     return ctx.params, adapters, record
 
 
@@ -99,7 +121,8 @@ def place_trainable(ctx: RunContext, trainable, layout):
     """Stacked adapters sharded like their kernels (A's d_in, B's d_out; rank and stack axes replicated)."""
     if ctx.mesh is None:
         return trainable
-    specs = stacked_adapter_specs(layout, adapter_specs(ctx.params, ctx.cfg.lora, ctx.rules, ctx.mesh))
+    per_module = adapter_specs(ctx.params, ctx.cfg.lora, ctx.rules, ctx.mesh, targets=ctx.targets)
+    specs = stacked_adapter_specs(layout, per_module)
     put = lambda x, spec: jax.device_put(x, spec) if isinstance(x, jax.Array) else place(x, spec)
     return {g: {k: put(v, NamedSharding(ctx.mesh, specs[g][k])) for k, v in ad.items()} for g, ad in trainable.items()}
 
@@ -223,7 +246,7 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict], gra
         checkpoint_hook(job.checkpointer, record, every=cfg.checkpoint.every),
     ]
     step_fn = compiled_step(ctx, job.spec, state.trainable, state.opt_state)
-    rng = jax.random.key(cfg.seed)
+    rng = Keys.of(cfg.seed).dropout
 
     def train_step(state: TrainState, batches):
         stacked = stack_micro_batches(batches, ctx.mesh)

@@ -23,12 +23,10 @@ import yaml
 from jax.sharding import PartitionSpec as P
 
 import lora_one_jax as lj
-from lora_one_jax.data import DataError, load_task, pad_batch, pad_id_of, pad_seq2seq_batch, tokenize
+from lora_one_jax.data import DataError, load_task
 from lora_one_jax.eval import Evaluator
-from lora_one_jax.gradient import pad_micro_batches
-from lora_one_jax.losses import decoder_start_id
 from lora_one_jax.models import load_model
-from lora_one_jax.sharding import LLAMA_RULES, make_mesh
+from lora_one_jax.sharding import LLAMA_RULES, make_mesh, shard_params
 from lora_one_train import errors
 from lora_one_train.config import ConfigError, RunConfig, config_differences, resumable
 from lora_one_train.context import Gradient, Phases, RunContext
@@ -36,6 +34,7 @@ from lora_one_train.exports import is_main_process
 from lora_one_train.lock import RunLock
 from lora_one_train.method import train_method
 from lora_one_train.report import plot_curves, summary_table
+from lora_one_train.step import example_batches
 
 #: ``mesh.rules`` names -> partition rules (path regex -> PartitionSpec); add your family's here.
 PARTITION_RULES = {"llama": LLAMA_RULES, "replicated": ((r".*", P()),)}
@@ -127,6 +126,15 @@ def load_run_task(cfg: RunConfig):
     return task
 
 
+def load_model_on(cfg: RunConfig, dtype, mesh, rules):
+    """``(model, params, tokenizer)`` of ``model.spec`` on the mesh: linen weights placed as they are read,
+    NNX params placed after loading by their own sharding metadata (``lora_one_jax.sharding.shard_params``)."""
+    if cfg.model.backend == "linen":
+        return load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
+    model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, backend="nnx")
+    return model, (params if mesh is None else shard_params(params, mesh, rules)), tokenizer
+
+
 def load(cfg: RunConfig, *, progress: bool) -> RunContext:
     """The run's shared context: the model (placed on the mesh), its targets, the task and its evaluator."""
     phases = Phases()
@@ -134,12 +142,14 @@ def load(cfg: RunConfig, *, progress: bool) -> RunContext:
     mesh, rules = build_mesh(cfg)
     with phases("load model"):
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
-        model, params, tokenizer = load_model(cfg.model.spec, dtype=dtype, mesh=mesh, rules=rules)
+        model, params, tokenizer = load_model_on(cfg, dtype, mesh, rules)
     with phases("load task"):
         task = load_run_task(cfg)
     print(f"data: {task.summary(eval_limit=cfg.eval.limit)}")
-    evaluator = Evaluator(model, tokenizer, cfg.lora, batch_size=cfg.eval.batch_size, max_len=cfg.task.max_len)
-    targets = lj.find_targets(params, cfg.lora)
+    targets = lj.find_targets(params, cfg.lora)  # resolved once for the whole run
+    evaluator = Evaluator(
+        model, tokenizer, cfg.lora, batch_size=cfg.eval.batch_size, max_len=cfg.task.max_len, targets=targets
+    )
     return RunContext(
         cfg=cfg,
         model=model,
@@ -153,25 +163,6 @@ def load(cfg: RunConfig, *, progress: bool) -> RunContext:
         progress=progress,
         phases=phases,
     )
-
-
-#: The training examples after the gradient examples on which ``init.gamma: auto`` scores its candidates.
-GAMMA_EXAMPLES = 32
-
-
-def example_batches(ctx: RunContext, start: int, stop: int, size: int) -> list[dict]:
-    """Training examples ``start:stop`` (in ``seed`` order) in batches of ``size`` rows (seq2seq ones for an
-    encoder-decoder)."""
-    train = ctx.task.train
-    if len(train) < stop:
-        raise ConfigError(f"the run needs the first {stop} training examples, but the training split has {len(train)}")
-    data = tokenize(train.select(range(start, stop)), ctx.tokenizer, max_len=ctx.cfg.task.max_len)
-    rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
-    pad, decoder_start = pad_id_of(ctx.tokenizer), decoder_start_id(ctx.model)
-    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-    if decoder_start is None:
-        return [pad_batch(chunk, pad_id=pad) for chunk in chunks]
-    return [pad_seq2seq_batch(chunk, pad_id=pad, decoder_start_id=decoder_start) for chunk in chunks]
 
 
 def full_gradient(ctx: RunContext, batches: list[dict]) -> dict:
@@ -209,11 +200,7 @@ def estimate_gradient(ctx: RunContext) -> Gradient:
             if half:
                 halves = full_gradient(ctx, batches[:half]), full_gradient(ctx, batches[half : 2 * half])
                 stability = lj.gradient_stability(*halves, cfg.lora, svd=cfg.init.svd)
-    gamma_batches = []
-    if cfg.init.gamma == "auto" and any(lj.METHODS[m].init == "lora-one" for m in fresh):
-        start = cfg.init.grad_examples
-        gamma_batches = pad_micro_batches(example_batches(ctx, start, start + GAMMA_EXAMPLES, cfg.train.batch_size))
-    return Gradient(grads=grads, subspaces=subspaces, stability=stability, gamma_batches=gamma_batches)
+    return Gradient(grads=grads, subspaces=subspaces, stability=stability)
 
 
 def write_summary(ctx: RunContext, results: dict) -> None:

@@ -7,7 +7,7 @@ compiled step: ``StepSpec`` (what the step's program depends on) has no learning
 
 Example:
     >>> from lora_one_jax.config import LoraConfig
-    >>> from lora_one_train.config import OptimConfig
+    >>> from lora_one_train.config import ConfigError, OptimConfig
     >>> opt = optimizer(OptimConfig(learning_rate=0.5, warmup_steps=0, schedule="constant"), 4, precondition=False)
     >>> state = opt.init({"w": jnp.zeros(2)})
     >>> float(peak_learning_rate(state))
@@ -28,9 +28,11 @@ from jax.sharding import PartitionSpec as P
 import lora_one_jax as lj
 from lora_one_jax import LoraConfig
 from lora_one_jax.adapters import Layout
+from lora_one_jax.data import pad_batch, pad_id_of, pad_seq2seq_batch, tokenize
 from lora_one_jax.gradient import pad_micro_batches
+from lora_one_jax.losses import decoder_start_id
 from lora_one_jax.sharding import BATCH_AXES, batch_sharding, place
-from lora_one_train.config import OptimConfig
+from lora_one_train.config import ConfigError, OptimConfig
 
 
 def schedule(optim: OptimConfig, total_steps: int, *, peak: float | None = None) -> optax.Schedule:
@@ -60,10 +62,10 @@ def optimizer(optim: OptimConfig, total_steps: int, precondition: bool) -> optax
     """The one recipe of every method (see module doc); the peak learning rate lives in the state.
 
     Example:
-        >>> opt = optimizer(OptimConfig(), 10, precondition=True)
+        >>> opt = optimizer(OptimConfig(learning_rate=0.25), 10, precondition=True)
         >>> state = opt.init({"m": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}})
-        >>> float(peak_learning_rate(state)) == OptimConfig().learning_rate
-        True
+        >>> float(peak_learning_rate(state))
+        0.25
     """
     shape = schedule(optim, total_steps, peak=1.0)
 
@@ -189,3 +191,18 @@ def stack_micro_batches(batches: list[dict], mesh=None) -> dict:
     data = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     rows = batch_sharding(mesh, ndim=len(shape), batch_axis=1) if shape[1] % data == 0 else NamedSharding(mesh, P())
     return jax.tree.map(lambda x: place(x, rows), stacked)
+
+
+def example_batches(ctx, start: int, stop: int, size: int) -> list[dict]:
+    """Training examples ``start:stop`` (in ``seed`` order) in batches of ``size`` rows (seq2seq ones for an
+    encoder-decoder)."""
+    train = ctx.task.train
+    if len(train) < stop:
+        raise ConfigError(f"the run needs the first {stop} training examples, but the training split has {len(train)}")
+    data = tokenize(train.select(range(start, stop)), ctx.tokenizer, max_len=ctx.cfg.task.max_len)
+    rows = [{"input_ids": i, "prompt_len": n} for i, n in zip(data["input_ids"], data["prompt_len"])]
+    pad, decoder_start = pad_id_of(ctx.tokenizer), decoder_start_id(ctx.model)
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    if decoder_start is None:
+        return [pad_batch(chunk, pad_id=pad) for chunk in chunks]
+    return [pad_seq2seq_batch(chunk, pad_id=pad, decoder_start_id=decoder_start) for chunk in chunks]

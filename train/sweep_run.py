@@ -31,8 +31,8 @@ from lora_one_train.config import ConfigError, RunConfig, merge, parse_yaml
 from lora_one_train.context import RunContext
 from lora_one_train.exports import is_main_process
 from lora_one_train.lock import RunLock
-from lora_one_train.method import train_method
-from lora_one_train.run import GAMMA_EXAMPLES, estimate_gradient, load, load_run_task, prepare_output
+from lora_one_train.method import GAMMA_EXAMPLES, train_method
+from lora_one_train.run import estimate_gradient, load, load_run_task, prepare_output
 from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
 from lora_one_train.sweep_report import write_report
 
@@ -98,12 +98,20 @@ class Sweep:
     def context(self, run_cfg: RunConfig, phase: str) -> RunContext:
         ctx = dataclasses.replace(self.base, cfg=run_cfg, task=self.task(run_cfg, phase))  # shares the compiled steps
         if run_cfg.eval.batch_size != self.cfg.eval.batch_size:
-            evaluator = Evaluator(ctx.model, ctx.tokenizer, run_cfg.lora, batch_size=run_cfg.eval.batch_size)
+            evaluator = Evaluator(
+                ctx.model,
+                ctx.tokenizer,
+                run_cfg.lora,
+                batch_size=run_cfg.eval.batch_size,
+                max_len=run_cfg.task.max_len,
+                targets=ctx.targets,
+            )
             ctx = dataclasses.replace(ctx, evaluator=evaluator)
         return ctx
 
     def gradient(self, ctx: RunContext):
-        key = (ctx.cfg.seed, json.dumps(ctx.cfg.to_dict()["init"], sort_keys=True))
+        init = ctx.cfg.init  # what the gradient stage reads (not gamma: one gradient serves every step size)
+        key = (ctx.cfg.seed, init.grad_examples, init.grad_batch_size, init.micro_batches_per_step, init.svd)
         if key not in self.gradients:
             self.gradients[key] = estimate_gradient(ctx)
         return self.gradients[key]
@@ -136,7 +144,11 @@ def results_of(run: Run, summary: dict) -> dict:
     init = {"gamma": first.get("init/gamma")}
     if "init/gamma" in first:
         losses = {k.removeprefix("init/gamma_loss/"): v for k, v in first.items() if k.startswith("init/gamma_loss/")}
-        init["gamma_auto"] = {"losses": losses, "forward_passes": first.get("init/gamma_forward_passes")}
+        init["gamma_auto"] = {
+            "losses": losses,
+            "forward_passes": first.get("init/gamma_forward_passes"),
+            "seconds": first.get("init/gamma_seconds"),
+        }
     init["grad_stability"] = {k: v for k, v in first.items() if k.startswith("grad_stability/")}
     plain = {k: v for k, v in summary.items() if k not in ("history", "final_state")}
     return {"val" if run.phase == "grid" else "held_out": last, "history": history, "init": init, "summary": plain}

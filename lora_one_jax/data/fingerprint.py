@@ -29,6 +29,7 @@ import hashlib
 import os
 from typing import Any
 
+from lora_one_jax.data.hf import load_hf_data
 from lora_one_jax.models.assets import ASSETS
 
 #: The pinned asset (``lora_one_jax.models.assets.ASSETS``) each built-in task is read from.
@@ -81,8 +82,6 @@ def fingerprint(spec: str, **options: Any) -> str:
             parts.append(f"eval:{file_fingerprint(options['eval_path'])}")
         return "+".join(parts)
     if rest and kind == "hf":
-        from lora_one_jax.data.tasks import load_hf_data
-
         data = load_hf_data(rest, options.get("config"))
         splits = {"": data} if not hasattr(data, "keys") else {name: data[name] for name in sorted(data.keys())}
         return "hf:" + ",".join(f"{name}={ds._fingerprint}" if name else ds._fingerprint for name, ds in splits.items())

@@ -82,6 +82,7 @@ import datasets
 import numpy as np
 
 from lora_one_jax.data.fingerprint import fingerprint
+from lora_one_jax.data.hf import load_hf_data
 from lora_one_jax.models.assets import fetch_asset
 
 COLUMNS = ("prompt", "answer", "choices", "label", "kind")
@@ -679,28 +680,6 @@ def _pick_splits(available: Sequence[str], splits) -> tuple[str, str | None]:
     train = "train" if "train" in available else available[0]
     eval_ = next((s for s in ("validation", "test", "eval", "dev") if s in available and s != train), None)
     return train, eval_
-
-
-def load_hf_data(name: str, config: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
-    """What an ``hf:NAME`` spec reads: ``load_from_disk`` for a saved folder, else ``load_dataset(name, config)``.
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
-        >>> datasets.Dataset.from_list([{"prompt": "p", "answer": "a"}]).save_to_disk(folder)
-        >>> len(load_hf_data(folder))
-        1
-    """
-    path = Path(name).expanduser()
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        return datasets.load_from_disk(str(path))
-    try:
-        return datasets.load_dataset(name, config)
-    except Exception as e:
-        raise OSError(
-            f"datasets.load_dataset({name!r}) failed ({type(e).__name__}: {e}); pass a local data folder "
-            "or a folder written by Dataset.save_to_disk"
-        ) from e
 
 
 def _hf(name, seed, split_seed, eval_size, opts) -> Task:

@@ -32,6 +32,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from lora_one_jax.losses import (
     sequence_logprob,
     sequence_scores,
 )
+from lora_one_jax.nnx import is_nnx_module, logits_of, nnx_forward, tunix_inputs
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import to_numpy
 from lora_one_jax.transform import with_lora
@@ -82,10 +84,25 @@ class EvalResult:
 
 def _forward(model, config: LoraConfig | None, with_adapters: bool, targets: dict[str, Target] | None) -> Callable:
     """``f(params, adapters, input_ids, **kwargs)`` -> model output, through ``with_lora`` when needed."""
+    if is_nnx_module(model):  # tunix's call convention; the output is wrapped to read like HF's
+        return _forward_nnx(model, config, with_adapters, targets)
     if not with_adapters:
         return lambda params, adapters, ids, **kw: model(ids, params=params, **kw)
     apply = with_lora(model, config, targets=targets)
     return lambda params, adapters, ids, **kw: apply({"params": params}, adapters, ids, **kw)
+
+
+def _forward_nnx(model, config, with_adapters: bool, targets) -> Callable:
+    """``_forward`` for an NNX causal LM: ``input_ids`` with ``attention_mask`` / ``position_ids`` keywords."""
+    apply = with_lora(model, config, targets=targets) if with_adapters else None
+    plain = nnx_forward(model)
+
+    def forward(params, adapters, ids, **kw):
+        batch = {"input_ids": ids, **kw}
+        logits = logits_of(apply(params, adapters, *tunix_inputs(batch))) if apply else plain(params, batch)
+        return SimpleNamespace(logits=logits)
+
+    return forward
 
 
 def _sequence_scores(forward, model):

@@ -396,12 +396,21 @@ def hub_id(spec: str | os.PathLike) -> str | None:
 
 
 def load_model(
-    spec: str | os.PathLike, *, dtype=jnp.float32, tokenizer=None, auto_class=None, mesh=None, rules=None
+    spec: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    tokenizer=None,
+    auto_class=None,
+    mesh=None,
+    rules=None,
+    backend: str = "linen",
 ) -> LoadedModel:
     """``(model, params, tokenizer)`` for a known name, a ``.gguf`` file, a HF folder or a hub id (see module doc).
 
     ``tokenizer`` replaces the one that would be loaded; ``auto_class`` picks the ``FlaxAuto*`` class
-    for HF folders. With a device ``mesh`` every weight goes straight into its sharding by ``rules``
+    for HF folders. ``backend="nnx"`` returns tunix's NNX ``Llama3`` instead, with ``params`` its ``nnx.Param``
+    state (``lora_one_jax.models.tunix.load_nnx``: Llama-family specs). With a device ``mesh`` every weight goes
+    straight into its sharding by ``rules``
     (default ``lora_one_jax.sharding.LLAMA_RULES``): GGUF files and PyTorch-written safetensors tensor by
     tensor as they are read, so no device (and no host buffer) ever holds the whole model at once.
 
@@ -412,6 +421,14 @@ def load_model(
         >>> model, params, tok = load_model("smollm2-135m")  # doctest: +SKIP
     """
     name = os.fspath(spec)
+    if backend == "nnx":
+        if mesh is not None or auto_class is not None:
+            raise NotImplementedError("backend='nnx' takes neither mesh nor auto_class yet: load, then place params")
+        from lora_one_jax.models.tunix import load_nnx
+
+        return LoadedModel(*load_nnx(name, dtype=dtype, tokenizer=tokenizer))
+    if backend != "linen":
+        raise ValueError(f"unknown backend {backend!r}; choose 'linen' (Hugging Face Flax) or 'nnx' (tunix)")
     if name == "smollm2-135m":
         return LoadedModel(*load_gguf(asset_path("smollm2"), dtype=dtype, tokenizer=tokenizer, mesh=mesh, rules=rules))
     if name == "minilm-l6":

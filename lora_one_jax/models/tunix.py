@@ -1,0 +1,571 @@
+"""tunix's Flax NNX models (Llama 3, Qwen 3, Gemma 3): building, loading SmolLM2, and Hugging Face names.
+
+* ``import_tunix(family)`` imports ``tunix.models.<family>.model`` without changing flax's global
+  ``flax_always_shard_variable`` for the rest of the process (tunix sets it to False on import; it is
+  False only while ``tunix_flags()`` builds a model), and fixes tunix 0.1.7's Llama 3 / Qwen 3
+  attention, which ignores ``ModelConfig.rope_theta`` (it always uses 1,000,000): ``_fix_rope`` makes
+  ``apply_rope`` use the config's base. Llama 3.1 / 3.2 rope *scaling* is not implemented by tunix.
+* ``toy_tunix(family)``: tiny random models for tests; ``smollm2_nnx()``: SmolLM2-135M from our GGUF as
+  tunix's ``Llama3`` (``weight_tying=True``, ``rope_theta=100000``); ``tunix_from_linen`` maps the params
+  of a Hugging Face ``FlaxLlamaForCausalLM`` onto tunix's ``Llama3``.
+* ``hf_name(path)`` / ``nnx_path(name)``: adapter paths of tunix models <-> Hugging Face module names
+  (``layers/3/attn/q_proj`` <-> ``model/layers/3/self_attn/q_proj``), one to one, so ``save_peft`` /
+  ``load_peft`` and PyTorch exports work with ``to_hf_adapters`` / ``from_hf_adapters``.
+
+Needs the ``nnx`` extra (``pip install -e ".[nnx]"``: ``google-tunix==0.1.7``).
+
+Example:
+    >>> model, params = toy_tunix("llama3")
+    >>> type(model).__name__, hf_name("layers/0/attn/q_proj")
+    ('Llama3', 'model/layers/0/self_attn/q_proj')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+import sys
+import threading
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_one_jax.nnx import kernels, nnx_split, to_matrix
+
+FAMILIES = ("llama3", "qwen3", "gemma3")
+_FLAG = "flax_always_shard_variable"
+_ROPE = threading.local()  # the rope base of the attention block being traced (see _fix_rope)
+
+
+@contextlib.contextmanager
+def tunix_flags():
+    """flax's ``flax_always_shard_variable`` False inside (as tunix builds its models), restored after.
+
+    Example:
+        >>> with tunix_flags():
+        ...     flax.config.flax_always_shard_variable
+        False
+    """
+    before = getattr(flax.config, _FLAG)
+    flax.config.update(_FLAG, False)
+    try:
+        yield
+    finally:
+        flax.config.update(_FLAG, before)
+
+
+def import_tunix(family: str):
+    """``tunix.models.<family>.model``, imported with flax's global flags left as they were, rope fixed.
+
+    Example:
+        >>> before = flax.config.flax_always_shard_variable
+        >>> import_tunix("llama3").Llama3.__name__, flax.config.flax_always_shard_variable == before
+        ('Llama3', True)
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tunix family {family!r}; supported: {list(FAMILIES)}")
+    name = f"tunix.models.{family}.model"
+    if name not in sys.modules:
+        with tunix_flags():
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ImportError(
+                    f"{name} needs tunix: pip install -e '.[nnx]' (google-tunix==0.1.7); {type(e).__name__}: {e}"
+                ) from e
+    module = sys.modules[name]
+    if family in ("llama3", "qwen3"):
+        _fix_rope(module)
+    return module
+
+
+def _fix_rope(module) -> None:
+    """Make ``module``'s attention pass ``config.rope_theta`` to ``apply_rope`` (tunix 0.1.7 drops it). Idempotent.
+
+    The attention block records its config's base while it runs; ``apply_rope`` (looked up in the module at
+    call time) uses it. Patched once per process, like ``lora_one_jax.models.compat`` for transformers.
+    """
+    if getattr(module, "_lora_one_rope_fixed", False):
+        return
+    apply_rope, block = module.apply_rope, module.Attention.block
+
+    def apply_rope_with_base(inputs, positions, head_dim, rope_theta=None):
+        theta = getattr(_ROPE, "theta", None) if rope_theta is None else rope_theta
+        return apply_rope(inputs, positions, head_dim=head_dim, **({} if theta is None else {"rope_theta": theta}))
+
+    def block_with_base(self, *args, **kwargs):
+        before, _ROPE.theta = getattr(_ROPE, "theta", None), self.config.rope_theta
+        try:
+            return block(self, *args, **kwargs)
+        finally:
+            _ROPE.theta = before
+
+    module.apply_rope, module.Attention.block = apply_rope_with_base, block_with_base
+    module._lora_one_rope_fixed = True
+
+
+def build(family: str, config, *, seed: int = 0):
+    """A tunix model of ``family`` for ``config`` (random init, flags contained); ``(model, params)`` with
+    ``params`` from ``lora_one_jax.nnx_split``.
+
+    Example:
+        >>> lm = import_tunix("llama3")
+        >>> model, params = build("llama3", toy_config("llama3"))
+        >>> params["layers"][0]["attn"]["q_proj"]["w"].shape
+        (32, 4, 8)
+    """
+    module = import_tunix(family)
+    cls = {"llama3": "Llama3", "qwen3": "Qwen3", "gemma3": "Gemma3"}[family]
+    with tunix_flags():
+        model = getattr(module, cls)(config, rngs=nnx.Rngs(seed))
+    return model, nnx_split(model)[1]
+
+
+def toy_config(family: str, **overrides):
+    """A tiny tunix ``ModelConfig``: 2 layers, width 32, 4 heads of 8, 2 KV heads, vocabulary 64.
+
+    Example:
+        >>> toy_config("qwen3").num_kv_heads
+        2
+    """
+    module = import_tunix(family)
+    sizes = dict(num_layers=2, embed_dim=32, hidden_dim=48, num_heads=4, head_dim=8, num_kv_heads=2)
+    if family == "gemma3":
+        sizes.update(num_embed=64, param_dtype=jnp.float32, sliding_window_size=4)
+    else:
+        sizes.update(vocab_size=64, rope_theta=10_000, norm_eps=1e-6)
+    sizes.update(overrides)
+    return module.ModelConfig(**sizes)
+
+
+def toy_tunix(family: str, *, seed: int = 0, std: float = 0.1, **overrides):
+    """A tiny random tunix model and its params: every weight normal(``std``), norm scales around their
+    init (so no kernel is zero, unlike tunix's zero-initialised MLPs).
+
+    Example:
+        >>> model, params = toy_tunix("gemma3")
+        >>> type(model).__name__
+        'Gemma3'
+    """
+    model, params = build(family, toy_config(family, **overrides), seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        noise = rng.normal(0.0, std, np.shape(x)).astype(np.float32)
+        return jnp.asarray(noise if np.ndim(x) >= 2 else np.asarray(x, np.float32) + noise, x.dtype)
+
+    params = jax.tree.map(draw, params)
+    nnx.update(model, params)
+    return model, params
+
+
+# ----------------------------------------------------------------------------- SmolLM2 and FlaxLlama params
+
+
+def llama_config_from_hf(hf_config):
+    """tunix ``llama3.ModelConfig`` of a transformers ``LlamaConfig`` (plain rotary embeddings only).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> c = llama_config_from_hf(LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=1e5))
+        >>> c.head_dim, c.rope_theta
+        (16, 100000.0)
+    """
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's Llama3")
+    lm = import_tunix("llama3")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return lm.ModelConfig(
+        num_layers=hf_config.num_hidden_layers,
+        vocab_size=hf_config.vocab_size,
+        embed_dim=hf_config.hidden_size,
+        hidden_dim=hf_config.intermediate_size,
+        num_heads=hf_config.num_attention_heads,
+        head_dim=head_dim,
+        num_kv_heads=hf_config.num_key_value_heads,
+        rope_theta=hf_config.rope_theta,
+        norm_eps=hf_config.rms_norm_eps,
+        weight_tying=bool(hf_config.tie_word_embeddings),
+    )
+
+
+def tunix_from_linen(hf_config, linen_params, *, dtype=jnp.float32):
+    """tunix's ``Llama3`` holding the weights of a ``FlaxLlamaForCausalLM`` (``linen_params``): ``(model, params)``.
+
+    q/k/v kernels (D, N*H) become (D, N, H), o_proj (N*H, D) becomes (N, H, D), MLP kernels and norms as they
+    are; a tied checkpoint keeps only the embedding. Shardings of the linen params are kept.
+    """
+    config = llama_config_from_hf(hf_config)
+    lm = import_tunix("llama3")
+    with tunix_flags():
+        abstract = nnx.eval_shape(lambda: lm.Llama3(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx_split(abstract)
+    src = linen_params["model"]
+    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+    cast = lambda x: jnp.asarray(x, dtype)
+    values = {
+        ("embedder", "input_embedding"): src["embed_tokens"]["embedding"],
+        ("final_norm", "w"): src["norm"]["weight"],
+    }
+    if not config.weight_tying:
+        values[("lm_head", "w")] = linen_params["lm_head"]["kernel"]
+    shapes = {"q_proj": (-1, n, h), "k_proj": (-1, k, h), "v_proj": (-1, k, h), "o_proj": (n, h, -1)}
+    for i in range(config.num_layers):
+        layer = src["layers"][str(i)]
+        for name, shape in shapes.items():
+            values[("layers", i, "attn", name, "w")] = jnp.reshape(layer["self_attn"][name]["kernel"], shape)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            values[("layers", i, "mlp", name, "kernel")] = layer["mlp"][name]["kernel"]
+        values[("layers", i, "input_layernorm", "w")] = layer["input_layernorm"]["weight"]
+        values[("layers", i, "post_attention_layernorm", "w")] = layer["post_attention_layernorm"]["weight"]
+    flat = []
+    for keys, var in params.flat_state():
+        keys = tuple(keys)
+        if keys not in values:
+            raise ValueError(f"no FlaxLlama weight for tunix param {'/'.join(map(str, keys))}")
+        flat.append((keys, var.replace(value=cast(values[keys]))))
+    params = nnx.State.from_flat_path(flat)
+    return nnx.merge(graphdef, params, rest), params
+
+
+def smollm2_nnx(*, dtype=jnp.float32):
+    """SmolLM2-135M-Instruct from our GGUF as tunix's ``Llama3``: ``(model, params, tokenizer)``.
+
+    Example:
+        >>> model, params, tok = smollm2_nnx()  # doctest: +SKIP
+        >>> model.config.rope_theta  # doctest: +SKIP
+        100000.0
+    """
+    from lora_one_jax.models.assets import asset_path
+    from lora_one_jax.models.gguf import load_gguf
+
+    linen, linen_params, tok = load_gguf(asset_path("smollm2"), dtype=dtype)
+    model, params = tunix_from_linen(linen.config, linen_params, dtype=dtype)
+    return model, params, tok
+
+
+# ----------------------------------------------------------------------------- Hugging Face names
+
+# (tunix path regex, HF path template): one to one for Llama 3 and Qwen 3; Gemma 3's own names.
+_TO_HF = (
+    (r"layers/(\d+)/attn/(q|k|v|o)_proj", r"model/layers/\1/self_attn/\2_proj"),
+    (r"layers/(\d+)/mlp/(gate|up|down)_proj", r"model/layers/\1/mlp/\2_proj"),
+    (r"layers/(\d+)/attn/q_einsum", r"model/layers/\1/self_attn/q_proj"),
+    (r"layers/(\d+)/attn/attn_vec_einsum", r"model/layers/\1/self_attn/o_proj"),
+    (r"lm_head", r"lm_head"),
+)
+
+
+def hf_name(path: str) -> str:
+    """The Hugging Face module path (``/``-separated) of a tunix module path.
+
+    Example:
+        >>> hf_name("layers/3/mlp/down_proj")
+        'model/layers/3/mlp/down_proj'
+    """
+    for pattern, template in _TO_HF:
+        if re.fullmatch(pattern, path):
+            return re.sub(pattern, template, path)
+    raise ValueError(
+        f"tunix module {path!r} has no one-to-one Hugging Face module (fused einsums such as Gemma's kv_einsum "
+        "or qkv_einsum hold several HF modules in one kernel); exclude it from the LoraConfig to export"
+    )
+
+
+def nnx_path(name: str, family: str = "llama3") -> str:
+    """The tunix module path of a Hugging Face module path (inverse of ``hf_name``).
+
+    Example:
+        >>> nnx_path("model/layers/3/self_attn/q_proj"), nnx_path("model/layers/0/self_attn/o_proj", "gemma3")
+        ('layers/3/attn/q_proj', 'layers/0/attn/attn_vec_einsum')
+    """
+    m = re.fullmatch(r"model/layers/(\d+)/(self_attn|mlp)/(\w+)", name)
+    if name == "lm_head":
+        return name
+    if m is None:
+        raise ValueError(f"{name!r} is not a Hugging Face decoder-layer module path (model/layers/i/...)")
+    layer, block, module = m.groups()
+    if block == "mlp":
+        return f"layers/{layer}/mlp/{module}"
+    if family == "gemma3":
+        gemma = {"q_proj": "q_einsum", "o_proj": "attn_vec_einsum"}
+        if module not in gemma:
+            raise ValueError(f"{name!r}: tunix's Gemma 3 fuses k_proj and v_proj into kv_einsum; no one-to-one module")
+        return f"layers/{layer}/attn/{gemma[module]}"
+    return f"layers/{layer}/attn/{module}"
+
+
+def to_hf_adapters(adapters):
+    """Adapters keyed by Hugging Face module paths (for ``save_peft``); the matrices are unchanged.
+
+    Example:
+        >>> sorted(to_hf_adapters({"layers/0/attn/q_proj": {"a": 1, "b": 2}}))
+        ['model/layers/0/self_attn/q_proj']
+    """
+    return {hf_name(p): ad for p, ad in adapters.items()}
+
+
+def from_hf_adapters(adapters, family: str = "llama3"):
+    """Inverse of ``to_hf_adapters`` (e.g. after ``load_peft``).
+
+    Example:
+        >>> sorted(from_hf_adapters({"model/layers/0/self_attn/q_proj": {"a": 1, "b": 2}}))
+        ['layers/0/attn/q_proj']
+    """
+    return {nnx_path(p, family): ad for p, ad in adapters.items()}
+
+
+def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
+    """``(model, params, tokenizer)`` with a tunix model: a local Hugging Face Llama / Qwen 3 folder is read
+    straight into tunix's ``Llama3`` / ``Qwen3`` (``load_hf_nnx``); the other Llama-family specs ``load_model``
+    knows (``"smollm2-135m"``, ``"toy-llama"``, a ``.gguf`` file) are read as for the linen backend, then
+    moved into tunix's ``Llama3`` layout (``tunix_from_linen``).
+
+    Example:
+        >>> model, params, tok = load_nnx("toy-llama")
+        >>> type(model).__name__, model.config.rope_theta
+        ('Llama3', 10000.0)
+    """
+    from lora_one_jax.models.loaders import load_model
+
+    if (Path(spec).expanduser() / "config.json").is_file():
+        return load_hf_nnx(Path(spec).expanduser(), dtype=dtype, tokenizer=tokenizer)
+    linen, linen_params, tok = load_model(spec, dtype=dtype, tokenizer=tokenizer)
+    if type(linen).__name__ != "FlaxLlamaForCausalLM":
+        raise NotImplementedError(
+            f"backend='nnx' builds tunix's Llama3 from Llama-family checkpoints; {spec!r} is a "
+            f"{type(linen).__name__}. Build other tunix models (Qwen 3, Gemma 3) with tunix's own loaders and pass "
+            "them to the core with lora_one_jax.nnx_split(model)"
+        )
+    model, params = tunix_from_linen(linen.config, linen_params, dtype=dtype)
+    return model, params, tok
+
+
+# tunix param (regex over its path) -> Hugging Face weight name, for the weights that are not adapter kernels
+_OTHER_WEIGHTS = (
+    (r"embedder/input_embedding", r"model/embed_tokens/weight"),
+    (r"final_norm/w", r"model/norm/weight"),
+    (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/w", r"model/layers/\1/\2/weight"),
+    (r"layers/(\d+)/attn/(q_norm|k_norm)/w", r"model/layers/\1/self_attn/\2/weight"),
+)
+
+
+def hf_state_dict(params) -> dict[str, np.ndarray]:
+    """A tunix Llama 3 / Qwen 3 ``params`` state (e.g. merged with adapters) as a PyTorch ``state_dict`` of numpy
+    arrays named as transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` expect: every kernel is its
+    ``(d_in, d_out)`` matrix transposed (``nnx.to_matrix``), norms and the embedding as they are.
+
+    Example:
+        >>> model, params = toy_tunix("llama3")
+        >>> sd = hf_state_dict(params)
+        >>> sd["model.layers.0.self_attn.o_proj.weight"].shape, sd["model.embed_tokens.weight"].shape
+        ((32, 32), (64, 32))
+    """
+    by_keys = {k.keys: k for k in kernels(params).values()}
+    out = {}
+    for keys, var in params.flat_state():
+        keys, value = tuple(keys), var.get_value()
+        k = by_keys.get(keys)
+        if k is not None:
+            value = np.asarray(to_matrix(value, k.in_axes)).T
+        out[_hf_weight(keys)] = np.asarray(value, np.float32)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _hf_weight(keys) -> str:
+    """The transformers state-dict name of a tunix Llama 3 / Qwen 3 param."""
+    path = "/".join(map(str, keys))
+    name = next((re.sub(p, t, path) for p, t in _OTHER_WEIGHTS if re.fullmatch(p, path)), None)
+    if name is None and str(keys[-1]) in ("w", "kernel"):
+        name = hf_name("/".join(map(str, keys[:-1]))) + "/weight"
+    if name is None:
+        raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3 / Qwen 3 only)")
+    return name.replace("/", ".")
+
+
+def _tunix_config(hf, dtype):
+    """``(family, tunix ModelConfig)`` of a transformers config (Llama or Qwen 3)."""
+    if hf.model_type == "llama":
+        return "llama3", llama_config_from_hf(hf)
+    if hf.model_type == "qwen3":
+        scaling = getattr(hf, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's Qwen3")
+        return "qwen3", import_tunix("qwen3").ModelConfig(
+            num_layers=hf.num_hidden_layers,
+            vocab_size=hf.vocab_size,
+            embed_dim=hf.hidden_size,
+            hidden_dim=hf.intermediate_size,
+            num_heads=hf.num_attention_heads,
+            head_dim=hf.head_dim,
+            num_kv_heads=hf.num_key_value_heads,
+            rope_theta=hf.rope_theta,
+            norm_eps=hf.rms_norm_eps,
+            use_tied_embedding=bool(hf.tie_word_embeddings),
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+    raise NotImplementedError(
+        f"model_type {hf.model_type!r}: backend='nnx' reads Llama and Qwen 3 folders; build other tunix models "
+        "(Gemma 3) with tunix's own loaders and pass them to lora_one_jax.nnx_split(model)"
+    )
+
+
+def _safetensors_tensors(folder):
+    """``{name: numpy array}`` of a folder's ``model.safetensors`` or its shards (read lazily, one file open)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    files = [folder / f for f in files] or [folder / "model.safetensors"]
+    if not files[0].is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors (or index); backend='nnx' reads safetensors")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                out[name] = handle.get_tensor(name)
+    return out
+
+
+def load_hf_nnx(folder, *, dtype=jnp.float32, tokenizer=None):
+    """A local Hugging Face Llama / Qwen 3 folder (safetensors, PyTorch names) as tunix's ``Llama3`` / ``Qwen3``:
+    ``(model, params, tokenizer)``, each weight moved into tunix's layout (the inverse of ``hf_state_dict``).
+
+    Example:
+        >>> model, params, tok = load_hf_nnx("path/to/Qwen3-0.6B")  # doctest: +SKIP
+    """
+    import transformers
+
+    from lora_one_jax.nnx import from_matrix
+
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    family, config = _tunix_config(hf, dtype)
+    cls = {"llama3": "Llama3", "qwen3": "Qwen3"}[family]
+    with tunix_flags():
+        abstract = nnx.eval_shape(lambda: getattr(import_tunix(family), cls)(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx_split(abstract)
+    tensors = _safetensors_tensors(folder)
+    by_keys = {k.keys: k for k in kernels(params).values()}
+    flat = []
+    for keys, var in params.flat_state():
+        keys = tuple(keys)
+        name = _hf_weight(keys)
+        if name not in tensors:
+            raise ValueError(f"{folder} lacks {name!r} (tunix {'/'.join(map(str, keys))}); is it a {cls} checkpoint?")
+        value, k = tensors[name], by_keys.get(keys)
+        if k is not None:
+            value = from_matrix(value.T, k.shape, k.in_axes)
+        if tuple(np.shape(value)) != tuple(var.get_value().shape):
+            raise ValueError(f"{name} has shape {np.shape(value)}, tunix expects {var.get_value().shape}")
+        flat.append((keys, var.replace(value=jnp.asarray(value, dtype))))
+    params = nnx.State.from_flat_path(flat)
+    if tokenizer is None and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return nnx.merge(graphdef, params, rest), params, tokenizer
+
+
+def hf_modules(path: str) -> tuple[str, ...]:
+    """The Hugging Face modules a tunix module stands for: one, or several for Gemma's fused einsums.
+
+    Example:
+        >>> hf_modules("layers/1/attn/kv_einsum")
+        ('model/layers/1/self_attn/k_proj', 'model/layers/1/self_attn/v_proj')
+    """
+    m = re.fullmatch(r"layers/(\d+)/attn/(kv|qkv)_einsum", path)
+    if m is None:
+        return (hf_name(path),)
+    return tuple(f"model/layers/{m.group(1)}/self_attn/{c}_proj" for c in m.group(2))
+
+
+def load_peft_nnx(folder, family: str = "llama3"):
+    """``(adapters, config)`` from a PEFT adapter folder, keyed by tunix module paths (``load_peft`` +
+    ``from_hf_adapters``); the config targets exactly those modules.
+
+    Example:
+        >>> adapters, config = load_peft_nnx("path/to/peft-adapter")  # doctest: +SKIP
+    """
+    import dataclasses
+
+    from lora_one_jax.export import load_peft
+
+    hf_adapters, config = load_peft(folder)
+    adapters = from_hf_adapters(hf_adapters, family)
+    by_hf = {re.escape(p): re.escape(nnx_path(p, family)) for p in hf_adapters}
+    return adapters, dataclasses.replace(
+        config,
+        targets="|".join(re.escape(p) for p in sorted(adapters)),
+        rank_pattern=tuple((by_hf.get(k, k), v) for k, v in config.rank_pattern),
+        alpha_pattern=tuple((by_hf.get(k, k), v) for k, v in config.alpha_pattern),
+    )
+
+
+def hf_config(model):
+    """A transformers ``LlamaConfig`` / ``Qwen3Config`` describing a tunix Llama 3 / Qwen 3 model.
+
+    Example:
+        >>> model, _ = toy_tunix("qwen3")
+        >>> type(hf_config(model)).__name__, hf_config(model).head_dim
+        ('Qwen3Config', 8)
+    """
+    import transformers
+
+    c = model.config
+    name = type(model).__name__
+    if name not in ("Llama3", "Qwen3"):
+        raise NotImplementedError(f"no Hugging Face config for tunix {name} here (Llama3 and Qwen3 only)")
+    tied = c.weight_tying if name == "Llama3" else c.use_tied_embedding
+    cls = transformers.LlamaConfig if name == "Llama3" else transformers.Qwen3Config
+    return cls(
+        vocab_size=c.vocab_size,
+        hidden_size=c.embed_dim,
+        intermediate_size=c.hidden_dim,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rope_theta=float(c.rope_theta),
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=bool(tied),
+        architectures=["LlamaForCausalLM" if name == "Llama3" else "Qwen3ForCausalLM"],
+    )
+
+
+def save_pretrained_nnx(folder, model, params, tokenizer=None):
+    """Write tunix ``params`` (e.g. ``lj.merge(params, adapters, config)``) as a Hugging Face model folder
+    (``model.safetensors`` + ``config.json``) that ``transformers`` loads in PyTorch.
+
+    Example:
+        >>> import tempfile
+        >>> model, params = toy_tunix("llama3")
+        >>> sorted(p.name for p in save_pretrained_nnx(tempfile.mkdtemp(), model, params).iterdir())
+        ['config.json', 'model.safetensors']
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model)
+    state = hf_state_dict(params)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tmp = folder / f".model.safetensors.tmp-{os.getpid()}"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
