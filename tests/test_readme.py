@@ -55,3 +55,10 @@ def test_the_readme_first_command_is_the_default_config():
     text = README.read_text()
     first = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     assert "lora-one-train\n" in first or first.rstrip().endswith("lora-one-train")
+
+
+def test_nnx_example_runs_on_tunix_llama3():
+    pytest.importorskip("tunix")
+    ns = run_block('load_model("toy-llama", backend="nnx")')
+    assert jnp.isfinite(ns["loss"]) and "layers/0/attn/q_proj" in ns["adapters"]
+    assert type(ns["model"]).__name__ == "Llama3"

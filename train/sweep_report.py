@@ -211,34 +211,32 @@ def paired_section(runs: Mapping[str, list[Mapping]], reference: str, pairs=None
     return lines
 
 
+def _table(columns: Sequence[str], rows: Mapping[str, Sequence[str]]) -> list[str]:
+    """A markdown table with a ``method`` column, then ``columns``; ``rows`` maps a method to its cells."""
+    lines = ["| method | " + " | ".join(columns) + " |", "| --- | " + " | ".join("---" for _ in columns) + " |"]
+    return lines + [f"| {method} | " + " | ".join(cells) + " |" for method, cells in rows.items()]
+
+
 def steps_section(runs: Mapping[str, list[Mapping]], fixed_steps: Sequence[float]) -> list[str]:
     """Held-out answer loss at fixed steps (mean ± CI over seeds, interpolated between evaluations)."""
-    lines = [
-        "| method | " + " | ".join(f"step {s:g}" for s in fixed_steps) + " |",
-        "| --- | " + " | ".join("---" for _ in fixed_steps) + " |",
-    ]
-    for method, rs in runs.items():
-        cells = [
-            fmt_ci(_ci_or_none(per_seed(rs, lambda r, s=s: stats.value_at(r["history"], s, LOSS)))) for s in fixed_steps
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+
+    def cell(rs, step):
+        return fmt_ci(_ci_or_none(per_seed(rs, lambda r: stats.value_at(r["history"], step, LOSS))))
+
+    rows = {method: [cell(rs, s) for s in fixed_steps] for method, rs in runs.items()}
+    return _table([f"step {s:g}" for s in fixed_steps], rows)
 
 
 def levels_section(runs: Mapping[str, list[Mapping]], levels: Sequence[float]) -> list[str]:
     """Steps each method needs to reach held-out answer loss levels (mean over the seeds that reach it)."""
-    lines = [
-        "| method | " + " | ".join(f"loss {lv:.3f}" for lv in levels) + " |",
-        "| --- | " + " | ".join("---" for _ in levels) + " |",
-    ]
-    for method, rs in runs.items():
-        cells = []
-        for lv in levels:
-            reached = [v for v in (stats.steps_to_level(r["history"], lv, LOSS) for r in rs) if v is not None]
-            mean = f"{sum(reached) / len(reached):.1f}" if reached else "never"
-            cells.append(f"{mean} ({len(reached)}/{len(rs)} seeds)")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+
+    def cell(rs, level):
+        reached = [v for v in (stats.steps_to_level(r["history"], level, LOSS) for r in rs) if v is not None]
+        mean = f"{sum(reached) / len(reached):.1f}" if reached else "never"
+        return f"{mean} ({len(reached)}/{len(rs)} seeds)"
+
+    rows = {method: [cell(rs, lv) for lv in levels] for method, rs in runs.items()}
+    return _table([f"loss {lv:.3f}" for lv in levels], rows)
 
 
 def gamma_section(records: Sequence[Mapping]) -> list[str]:

@@ -5,7 +5,7 @@
   False only while ``tunix_flags()`` builds a model), and fixes tunix 0.1.7's Llama 3 / Qwen 3
   attention, which ignores ``ModelConfig.rope_theta`` (it always uses 1,000,000): ``_fix_rope`` makes
   ``apply_rope`` use the config's base. Llama 3.1 / 3.2 rope *scaling* is not implemented by tunix.
-* ``toy_tunix(family)``: tiny random models for tests; ``smollm2_nnx()``: SmolLM2-135M from our GGUF as
+* ``toy_tunix(family)``: tiny random models for tests; ``load_nnx("smollm2-135m")``: SmolLM2-135M from our GGUF as
   tunix's ``Llama3`` (``weight_tying=True``, ``rope_theta=100000``); ``tunix_from_linen`` maps the params
   of a Hugging Face ``FlaxLlamaForCausalLM`` onto tunix's ``Llama3``.
 * ``hf_name(path)`` / ``nnx_path(name)``: adapter paths of tunix models <-> Hugging Face module names
@@ -232,22 +232,6 @@ def tunix_from_linen(hf_config, linen_params, *, dtype=jnp.float32):
         flat.append((keys, var.replace(value=cast(values[keys]))))
     params = nnx.State.from_flat_path(flat)
     return nnx.merge(graphdef, params, rest), params
-
-
-def smollm2_nnx(*, dtype=jnp.float32):
-    """SmolLM2-135M-Instruct from our GGUF as tunix's ``Llama3``: ``(model, params, tokenizer)``.
-
-    Example:
-        >>> model, params, tok = smollm2_nnx()  # doctest: +SKIP
-        >>> model.config.rope_theta  # doctest: +SKIP
-        100000.0
-    """
-    from lora_one_jax.models.assets import asset_path
-    from lora_one_jax.models.gguf import load_gguf
-
-    linen, linen_params, tok = load_gguf(asset_path("smollm2"), dtype=dtype)
-    model, params = tunix_from_linen(linen.config, linen_params, dtype=dtype)
-    return model, params, tok
 
 
 # ----------------------------------------------------------------------------- Hugging Face names
