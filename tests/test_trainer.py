@@ -290,3 +290,15 @@ def test_bfloat16_compute_trains_float32_adapters(tmp_path):
     trainable, _ = out["final_state"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))  # LoraConfig.dtype
     assert np.isfinite(out["train_loss_last"]) and np.isfinite(out["answer_loss_after"])
+
+
+def test_logits_only_where_the_loss_is_and_remat_train_like_the_full_logits(tmp_path):
+    """train.loss_positions (the head only at answer tokens), vocab_chunk and remat change memory, not the maths."""
+    over = {"methods": ["lora-one"], "train.steps": 3, "eval.every": 0, "checkpoint.every": 0}
+    full = tiny_config(tmp_path, **{**over, "name": "full", "train.loss_positions": False})
+    lean = tiny_config(tmp_path, **{**over, "name": "lean", "train.vocab_chunk": 64, "train.remat": "layers"})
+    losses = {}
+    for cfg in (full, lean):
+        history = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"]
+        losses[cfg["name"]] = [r["loss"] for r in history if "loss" in r]
+    np.testing.assert_allclose(losses["lean"], losses["full"], rtol=1e-5)

@@ -252,13 +252,22 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """``steps`` optimizer steps of ``batch_size`` x ``grad_accum`` examples (or ``epochs`` over train)."""
+    """``steps`` optimizer steps of ``batch_size`` x ``grad_accum`` examples (or ``epochs`` over train).
+
+    ``loss_positions``: the output head runs only where the loss is (the answer tokens), not at every
+    position (no batch x length x vocab logits; the same loss). ``vocab_chunk``: the cross-entropy over the
+    vocabulary in chunks of that many tokens (large vocabularies). ``remat``: rematerialise ``layers`` or
+    ``dots`` in the backward pass (less memory, more time; linen models).
+    """
 
     steps: int | None = 200
     epochs: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
     log_every: int = 10
+    loss_positions: bool = True
+    vocab_chunk: int | None = None
+    remat: str = "none"
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -270,6 +279,12 @@ class TrainConfig:
         _positive_int(self.batch_size, "train.batch_size")
         _positive_int(self.grad_accum, "train.grad_accum")
         _positive_int(self.log_every, "train.log_every")
+        if not isinstance(self.loss_positions, bool):
+            raise ConfigError(f"train.loss_positions must be true or false, got {self.loss_positions!r}")
+        if self.vocab_chunk is not None:
+            _positive_int(self.vocab_chunk, "train.vocab_chunk")
+        if self.remat not in ("none", "layers", "dots"):
+            raise ConfigError(f"train.remat must be 'none', 'layers' or 'dots', got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from lora_one_jax.data import BatchStream, fingerprint
 from lora_one_jax.export import load_adapters, save_adapters
 from lora_one_jax.gradient import pad_micro_batches
 from lora_one_jax.losses import decoder_start_id, mean_nll
+from lora_one_jax.nnx import is_nnx_module
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import adapter_specs, like_params, place, stacked_adapter_specs
 from lora_one_train import errors
@@ -34,6 +35,7 @@ from lora_one_train.step import (
     StepSpec,
     compiled_step,
     example_batches,
+    loss_positions_size,
     optimizer,
     schedule,
     stack_micro_batches,
@@ -156,6 +158,8 @@ def start(ctx: RunContext, method: str, gradient: Gradient):
         precondition=lj.METHODS[method].preconditioned,
         optim=cfg.optim,
         total_steps=total_steps(cfg, len(ctx.task.train)),
+        vocab_chunk=cfg.train.vocab_chunk,
+        remat=cfg.train.remat,
     )
     trainable = place_trainable(ctx, trainable, layout)
     state = TrainState(step=0, trainable=trainable, opt_state=init_optimizer(ctx, spec, trainable))
@@ -248,8 +252,10 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict], gra
     step_fn = compiled_step(ctx, job.spec, state.trainable, state.opt_state)
     rng = Keys.of(cfg.seed).dropout
 
+    positions = loss_positions_size(job.stream.rows, cfg.task.max_len) if uses_positions(ctx) else None
+
     def train_step(state: TrainState, batches):
-        stacked = stack_micro_batches(batches, ctx.mesh)
+        stacked = stack_micro_batches(batches, ctx.mesh, positions=positions)
         job.shapes.add(tuple(stacked[k].shape[-1] for k in ("input_ids", "labels") if k in stacked))
         trainable, opt_state, loss, grad_norm = step_fn(
             job.base, state.trainable, state.opt_state, stacked, jax.random.fold_in(rng, state.step + 1)
@@ -281,6 +287,12 @@ def train(ctx: RunContext, job: Job, state: TrainState, history: list[dict], gra
             logger.close()
         job.checkpointer.close()
     return state
+
+
+def uses_positions(ctx: RunContext) -> bool:
+    """Whether training batches carry ``loss_positions`` (``train.loss_positions``; NNX models score every
+    position: they ignore them)."""
+    return ctx.cfg.train.loss_positions and not is_nnx_module(ctx.model)
 
 
 def evaluate(ctx: RunContext, job: Job, state: TrainState) -> dict:

@@ -112,6 +112,8 @@ class StepSpec:
     precondition: bool
     optim: OptimConfig
     total_steps: int
+    vocab_chunk: int | None = None
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "optim", dataclasses.replace(self.optim, learning_rate=1.0))
@@ -131,10 +133,13 @@ def _structure(tree) -> tuple:
 
 def _loss_of(model, spec: StepSpec):
     """``loss(base, trainable, batch, rng)``: the full fine-tuning loss, or the LoRA loss of stacked adapters."""
+    options = {"vocab_chunk": spec.vocab_chunk} if spec.vocab_chunk else {}
+    if spec.remat != "none":
+        options["remat"] = spec.remat
     if spec.layout is None:
-        full_loss = lj.full_loss_fn(model)
+        full_loss = lj.full_loss_fn(model, **options)
         return lambda base, trainable, batch, rng: full_loss(trainable, batch)
-    lora_loss = lj.lora_loss_fn(model, spec.lora)
+    lora_loss = lj.lora_loss_fn(model, spec.lora, **options)
     use_rng = spec.lora.dropout > 0
 
     def loss(base, trainable, batch, rng):
@@ -181,10 +186,14 @@ def compiled_step(ctx, spec: StepSpec, trainable, opt_state):
     return ctx.steps[key]
 
 
-def stack_micro_batches(batches: list[dict], mesh=None) -> dict:
-    """``train.grad_accum`` micro-batches padded to one length and stacked ``(accum, rows, length)``; on a mesh
-    the rows go over the data axes when they divide (every process supplies its own devices' rows)."""
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *pad_micro_batches(batches))
+def stack_micro_batches(batches: list[dict], mesh=None, *, positions: int | None = None) -> dict:
+    """``train.grad_accum`` micro-batches padded to one length and stacked ``(accum, rows, length)``, with
+    ``positions`` answer positions per row (``lj.with_loss_positions``: the head runs only there) when given;
+    on a mesh the rows go over the data axes when they divide (every process supplies its own devices' rows)."""
+    padded = pad_micro_batches(batches)
+    if positions is not None:
+        padded = [lj.with_loss_positions(b, size=positions) for b in padded]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
     if mesh is None:
         return stacked
     shape = stacked["input_ids"].shape
@@ -206,3 +215,15 @@ def example_batches(ctx, start: int, stop: int, size: int) -> list[dict]:
     if decoder_start is None:
         return [pad_batch(chunk, pad_id=pad) for chunk in chunks]
     return [pad_seq2seq_batch(chunk, pad_id=pad, decoder_start_id=decoder_start) for chunk in chunks]
+
+
+def loss_positions_size(rows: list[dict], max_len: int, multiple: int = 8) -> int:
+    """The answer positions per row every training batch gets (one compiled shape per bucket): the longest
+    answer (+ eos) of the split, rounded up to ``multiple``, at most ``max_len``.
+
+    Example:
+        >>> loss_positions_size([{"input_ids": [5, 6, 7, 2], "prompt_len": 2}], max_len=64)
+        8
+    """
+    longest = max((len(r["input_ids"]) - r["prompt_len"] for r in rows), default=1)
+    return min(-(-max(longest, 1) // multiple) * multiple, max_len)
