@@ -68,7 +68,7 @@ def test_gamma_auto_through_the_trainer_is_logged_and_used(tmp_path):
     cfg["eval"]["diagnostics"] = False
     first = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"][0]
     scored = {float(k.removeprefix("init/gamma_loss/")): v for k, v in first.items() if "gamma_loss/" in k}
-    assert len(scored) == len(lj.step_size.DEFAULT_GAMMAS) and all(np.isfinite(list(scored.values())))
-    assert first["init/gamma"] in lj.step_size.DEFAULT_GAMMAS
-    assert first["init/gamma"] == min(scored, key=scored.get)
-    assert first["init/gamma_forward_passes"] >= 4  # 32 examples in batches of 4, at least one candidate
+    # the golden search scores some of the 8 candidates (at least 3), never one outside them
+    assert 3 <= len(scored) <= 8 and set(scored) <= set(lj.step_size.DEFAULT_GAMMAS)
+    assert all(np.isfinite(list(scored.values()))) and first["init/gamma"] == min(scored, key=scored.get)
+    assert first["init/gamma_forward_passes"] == 4 * len(scored)  # 16 examples in batches of 4 per candidate
