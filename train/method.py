@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 import lora_one_jax as lj
-from lora_one_jax.data import BatchStream, fingerprint
+from lora_one_jax.data import BatchStream
 from lora_one_jax.export import load_adapters, save_adapters
 from lora_one_jax.gradient import pad_micro_batches
 from lora_one_jax.losses import decoder_start_id, mean_nll
@@ -201,17 +201,13 @@ def check_record(ctx: RunContext, folder, record: dict) -> None:
             f"{folder} holds a checkpoint of another configuration ({'; '.join(differences)}); rerun with "
             "--restart to start over there, or choose another output_dir (or name)"
         )
-    data = data_fingerprint(ctx.cfg)
+    data = ctx.task.fingerprint  # computed once, when the task was loaded
     if record.get("data") != data:
         raise errors.DataError(
             f"the data of task {ctx.cfg.task.spec!r} changed since {folder} was checkpointed (fingerprint "
             f"{record.get('data')} then, {data} now); resuming would train on other data with another held-out "
             "split. Restore the data, or rerun with --restart to start over"
         )
-
-
-def data_fingerprint(cfg: RunConfig) -> str:
-    return fingerprint(cfg.task.spec, **cfg.task.options)
 
 
 def restore(ctx: RunContext, job: Job, state: TrainState):
@@ -342,7 +338,7 @@ def checkpoint_record(ctx: RunContext, job: Job, step: int, history: list[dict])
         "method": job.method,
         "model": ctx.cfg.model.spec,
         "config": resumable(ctx.cfg),
-        "data": data_fingerprint(ctx.cfg),
+        "data": ctx.task.fingerprint,
         "history": history,
     }
 
