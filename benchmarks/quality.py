@@ -4,6 +4,7 @@
     python benchmarks/quality.py --arms tweets          # one arm
     python benchmarks/quality.py --quick                # the toy model, a few steps: checks the pipeline
     python benchmarks/quality.py --set train.steps=300  # any trainer override, applied to every arm
+    python benchmarks/quality.py --report               # reports of the runs finished so far, no training
 
 The protocol is the sweep's (``configs/sweep-tweets.yaml``, ``lora_one_train.sweep``): no logic of its own
 here. Each arm writes ``runs/<arm>/report.md`` (with ``grid.png`` and ``curves.png``); rerunning resumes
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from lora_one_train.config import load_config
-from lora_one_train.sweep_run import run_sweep
+from lora_one_train.sweep_run import run_sweep, write_sweep_report
 
 #: arm -> (config, overrides): the two tasks, and a low-data arm where an init should matter most.
 ARMS = {
@@ -43,13 +44,17 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="toy model, a few steps (a pipeline check)")
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", action="store_true", help="write each arm's report from its finished runs")
     args = parser.parse_args(argv)
     for arm in args.arms.split(","):
         config, overrides = ARMS[arm]
         quick = [*QUICK, "output_dir=runs/quick/{name}"] if args.quick else []
         cfg = load_config(config, [*overrides, *quick, *args.overrides])
         print(f"### {arm}: {cfg.out_dir}")
-        run_sweep(cfg, progress=not args.no_progress)
+        if args.report:
+            print(f"report: {write_sweep_report(cfg)}")
+        else:
+            run_sweep(cfg, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -182,13 +182,27 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> Path:
             if not todo:
                 break
             write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0]))
-        records = list(load_results(cfg.out_dir).values())
-        report = write_report(
-            records,
-            cfg.out_dir,
-            reference=sweep.reference,
-            ablations=[tuple(p) for p in sweep.ablations],
-            title=f"{cfg.model.spec} on {cfg.task.spec}: learning-rate sweep ({jax.devices()[0].platform})",
-        )
+        report = write_sweep_report(cfg)
     print(f"report: {report}")
     return report
+
+
+def write_sweep_report(cfg: RunConfig) -> Path:
+    """The report of the sweep of ``cfg`` from the runs finished so far (all of them at the end of
+    ``run_sweep``; a partial report while it is still running: what is not finished is left out).
+
+    Example:
+        >>> import tempfile
+        >>> from lora_one_train.config import load_config
+        >>> cfg = load_config("sweep-tweets", [f"output_dir={tempfile.mkdtemp()}"])
+        >>> write_sweep_report(cfg).name  # no run finished yet: the title alone
+        'report.md'
+    """
+    records = list(load_results(cfg.out_dir).values())
+    return write_report(
+        records,
+        cfg.out_dir,
+        reference=cfg.sweep.reference,
+        ablations=[tuple(p) for p in cfg.sweep.ablations],
+        title=f"{cfg.model.spec} on {cfg.task.spec}: learning-rate sweep ({jax.devices()[0].platform})",
+    )
