@@ -534,3 +534,29 @@ def test_gemma3_configs_tunix_cannot_express_are_refused():
             tunix.gemma3_config_from_hf(tf.Gemma3TextConfig(**{**base, **bad}))
     with pytest.raises(NotImplementedError, match="layer_types"):
         tunix.gemma3_config_from_hf(tf.Gemma3TextConfig(**base, layer_types=["full_attention"] * 6))
+
+
+# ----------------------------------------------------------------------------- qwix hand-off
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma3"])
+def test_to_qwix_carries_the_adapters_into_qwix_lora_params(name):
+    pytest.importorskip("qwix")
+    model, params = tunix.toy_tunix(name)
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, rslora=True, targets="all-linear", rank_pattern=((r".*mlp.*", 3),))
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    adapters = _random_adapters(adapters)
+    q = tunix.to_qwix(model, params, adapters, cfg)
+    batch = _batch()
+    inputs = lj.nnx.tunix_inputs(batch)
+    ours = lj.nnx.logits_of(lj.with_lora(model, cfg)(params, adapters, *inputs))
+    theirs = lj.nnx.logits_of(q(*inputs))
+    assert _rel(theirs, ours) < 1e-5
+    assert _rel(ours, lj.nnx.nnx_forward(model)(params, batch)) > 1e-3  # the adapters matter
+    lora = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.state(q, nnx.LoRAParam).flat_state()}
+    assert len(lora) == 2 * len(adapters)
+    for path, ad in adapters.items():
+        w = "kernel" if "mlp" in path else "w"
+        np.testing.assert_array_equal(lora[f"{path}/{w}_lora_a"].reshape(ad["a"].shape), ad["a"])
+        np.testing.assert_array_equal(lora[f"{path}/{w}_lora_b"].reshape(ad["b"].shape), ad["b"])
+    assert not nnx.state(model, nnx.LoRAParam).flat_state()  # the model passed in is not changed

@@ -647,3 +647,72 @@ def save_pretrained_nnx(folder, model, params, tokenizer=None):
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------- qwix hand-off
+
+
+def _constant(value, what: str):
+    """A qwix initializer that returns ``value`` laid out in the shape qwix asks for (same element order)."""
+
+    def init(rng, shape, dtype):
+        del rng
+        if int(np.prod(shape)) != value.size:
+            raise ValueError(f"{what}: qwix asks for shape {tuple(shape)}, the adapter has {value.shape}")
+        return jnp.reshape(value, shape).astype(dtype)
+
+    return init
+
+
+def to_qwix(model, params, adapters, config, *inputs, targets=None, **input_kwargs):
+    """A copy of ``model`` (with ``params``, e.g. the base an init returned) carrying ``adapters`` the way qwix
+    adapts NNX models: ``nnx.LoRAParam`` ``<w>_lora_a`` / ``<w>_lora_b`` on each targeted layer, so tunix's own
+    trainers (``PeftTrainer``, RL) continue from a LoRA-One init. One ``qwix.LoraRule`` per module, with
+    ``alpha = scale * rank`` (qwix scales by alpha / rank), so rsLoRA and per-module ranks / alphas keep their
+    scale. qwix needs one call of the model to create its params: ``inputs`` / ``input_kwargs`` (default: the
+    tunix model's ``get_model_input()``). Dropout is carried over (qwix draws it from the model's rngs).
+
+    Example:
+        >>> model, params = toy_tunix("llama3")
+        >>> cfg = lj.LoraConfig(rank=2, targets=["q_proj"])
+        >>> base, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+        >>> q = to_qwix(model, base, adapters, cfg)
+        >>> q.layers[0].attn.q_proj.w_lora_a.shape, type(q.layers[0].attn.q_proj.w_lora_b).__name__
+        ((32, 2), 'LoRAParam')
+    """
+    import qwix
+
+    from lora_one_jax.config import find_targets
+
+    resolved = find_targets(params, config) if targets is None else targets
+    missing = sorted(set(adapters) - set(resolved))
+    if missing:
+        raise ValueError(
+            f"adapters {missing[:5]} are not targets of this LoraConfig; pass the config they were made with"
+        )
+    rules = [
+        qwix.LoraRule(
+            module_path=re.escape(path),
+            rank=resolved[path].rank,
+            alpha=resolved[path].scale * resolved[path].rank,
+            dropout=config.dropout,
+            lora_a_initializer=_constant(jnp.asarray(ad["a"]), f"{path} A"),
+            lora_b_initializer=_constant(jnp.asarray(ad["b"]), f"{path} B"),
+        )
+        for path, ad in sorted(adapters.items())
+    ]
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    copy = nnx.merge(graphdef, params, rest)
+    if not inputs and not input_kwargs:
+        if not hasattr(copy, "get_model_input"):
+            raise TypeError(
+                f"{type(model).__name__} has no get_model_input(): pass example inputs for qwix's first call"
+            )
+        input_kwargs = copy.get_model_input()
+    with tunix_flags():
+        out = qwix.apply_lora_to_model(copy, qwix.LoraProvider(rules), *inputs, rngs=nnx.Rngs(0), **input_kwargs)
+    made = {"/".join(map(str, k[:-1])) for k, _ in nnx.state(out, nnx.LoRAParam).flat_state()}
+    unmatched = sorted(p for p in adapters if p not in made)
+    if unmatched:
+        raise ValueError(f"qwix did not adapt {unmatched[:5]}: their layers did not run in the example call")
+    return out
