@@ -353,7 +353,7 @@ class Evaluator:
         Prompts are left-padded to a bucket length (at most ``max_len``, cut from the left), so few
         shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...) or
         an NNX causal LM with tunix's call convention ``model(tokens, positions, cache, mask) -> (logits, cache)``
-        (tunix's Llama 3, Qwen 3, Gemma 3: the KV cache in tunix's layout, ``lora_one_jax.nnx.init_cache``).
+        (tunix's Llama 3, Qwen 2.5, Qwen 3, Gemma 3: the KV cache in tunix's layout, ``lora_one_jax.nnx.init_cache``).
         """
         new = self.generate_ids(params, adapters, prompts, max_new_tokens=max_new_tokens, progress=progress)
         return [self._decode(row) for row in new]
