@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                       # SmolLM2-135M, 8 ASDiv examples (~6 min on 2 CPU cores)
     python benchmarks/speed.py --model toy-llama --official-svd-q 64   # a quick smoke run
+    python benchmarks/speed.py --sections nnx        # the same model through tunix's NNX Llama3 against linen
 
 What it measures, on the same weights and the same 8 training examples:
 
@@ -13,7 +14,10 @@ What it measures, on the same weights and the same 8 training examples:
   the official LoRA-One init recipe (per-parameter gradient accumulation over the 8 micro-batches,
   ``torch.svd_lowrank(-G, q=512, niter=16)`` per matrix, rank 8, gamma 128), with the subspace accuracy
   of both inits against an exact float64 SVD;
-* the peak resident memory (RSS) of each phase.
+* the peak resident memory (RSS) of each phase;
+* ``--sections nnx``: the LoRA-One step and the whole init (gradient estimate + randomized SVD; first call
+  with compiles, and steady state) on the same weights through tunix's NNX ``Llama3`` against linen, their
+  ratio, and the compiled steps' cost analysis and HLO op counts (needs the ``nnx`` extra).
 
 Times are medians of ``--reps`` runs after a warm-up. It runs unchanged on a GPU/TPU (JAX's default
 backend; PyTorch on CUDA when available) and prints the devices it ran on.
@@ -26,6 +30,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import threading
 import time
@@ -666,12 +671,133 @@ def memory_section(args, model, params, config) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- NNX against linen
+
+
+def hlo_ops(compiled, names=("dot", "transpose", "copy", "fusion", "reduce", "broadcast")) -> dict[str, int]:
+    """How often each op kind occurs in a compiled program's HLO text (a rough profile of what it runs)."""
+    counts = dict.fromkeys(names, 0)
+    for line in compiled.as_text().splitlines():
+        m = re.search(r"=\s.*?\s([a-z][a-z0-9-]*)\(", line)
+        if m and m.group(1) in counts:
+            counts[m.group(1)] += 1
+    return counts
+
+
+def bytes_accessed(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("bytes accessed", float("nan")))
+
+
+def lora_one_step(model, params, config, adapters, batch):
+    """A compiled LoRA-One step (preconditioner + AdamW on stacked adapters, state donated) and its start state."""
+    loss = lj.lora_loss_fn(model, config)
+    stacked, layout = lj.stack_adapters(adapters)
+    optimizer = lj.lora_one(1e-4)
+
+    def step(base, stacked, opt_state, batch):
+        value, grads = jax.value_and_grad(lambda s: loss(base, lj.unstack_adapters(s, layout), batch))(stacked)
+        updates, opt_state = optimizer.update(grads, opt_state, stacked)
+        return optax.apply_updates(stacked, updates), opt_state, value
+
+    state = [jax.tree.map(jnp.copy, stacked), optimizer.init(stacked)]
+    return jax.jit(step, donate_argnums=(1, 2)).lower(params, *state, batch).compile(), state
+
+
+def in_turns(fns: dict, reps: int) -> dict[str, float]:
+    """Median time of each function, run in turns (one call of each per round: a shared machine's load drifts
+    evenly over them)."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def nnx_section(args, model, params, tok, config) -> None:
+    """The LoRA-One step and the whole init on the same model through tunix's NNX Llama3 against linen."""
+    nnx_model, nnx_params, _ = load_model(args.model, backend="nnx")
+    rows = tokenize(load_task(args.task).train.select(range(args.examples)), tok, max_len=args.max_len)
+    rows = [{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows]
+    micro = [pad_batch([r], pad_id=pad_id_of(tok)) for r in rows]
+    batch = pad_batch(rows, pad_id=pad_id_of(tok))
+    sides = {"linen": (model, params), "nnx": (nnx_model, nnx_params)}
+    losses = {name: lj.full_loss_fn(m) for name, (m, _) in sides.items()}  # one each: the compiled steps are reused
+
+    def init(name):
+        grads = lj.estimate_gradient(losses[name], sides[name][1], micro, config, progress=False)
+        return jax.block_until_ready(lj.spectral_init(grads, config))
+
+    first, adapters = {}, {}
+    for name in sides:  # first calls, compiles included: each from an empty compilation cache
+        jax.clear_caches()
+        start = time.perf_counter()
+        adapters[name] = init(name)
+        first[name] = time.perf_counter() - start
+    for name in sides:  # warm-up: the caches were cleared after the first side's first call
+        init(name)
+    steady = in_turns({name: lambda n=name: init(n) for name in sides}, args.reps)
+
+    steps, compiled = {}, {}
+    for name, (m, p) in sides.items():
+        step, state = lora_one_step(m, p, config, adapters[name], batch)
+        compiled[name] = step
+
+        def run(step=step, state=state, p=p):
+            *state[:], loss = step(p, *state, batch)
+            jax.block_until_ready(loss)
+
+        run()  # warm-up
+        steps[name] = run
+    step_s = in_turns(steps, args.steps)
+
+    shape = "x".join(map(str, batch["input_ids"].shape))
+    print(
+        f"\n## NNX (tunix Llama3) against linen (HF FlaxLlama): {args.model}, {args.task} batch {shape}, "
+        f"{len(micro)} one-example micro-batches for the init, rank {args.rank}, "
+        f"{len(lj.find_targets(params, config))} adapted matrices"
+    )
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); medians, run in turns\n")
+    print("| what | linen | nnx | nnx / linen | target <= 1.1 |\n| --- | --- | --- | --- | --- |")
+    for what, row in (
+        ("training step, LoRA-One (steady)", step_s),
+        ("whole init: gradient + randomized SVD (steady)", steady),
+        ("whole init, first call (with compiles)", first),
+    ):
+        ratio = row["nnx"] / row["linen"]
+        verdict = "met" if ratio <= 1.1 else "missed"
+        print(f"| {what} | {row['linen']:.3f} s | {row['nnx']:.3f} s | {ratio:.3f} | {verdict} |")
+    gap = max(
+        float(jnp.abs(a["a"] @ a["b"] - b["a"] @ b["b"]).max() / jnp.abs(b["a"] @ b["b"]).max())
+        for a, b in ((adapters["nnx"][p], adapters["linen"][tunix_name(p)]) for p in adapters["nnx"])
+    )
+    print(f"\n(the two inits' adapters: largest relative |A B| difference {gap:.1e})")
+    print("\n### The compiled step (XLA cost analysis, HLO op counts)\n")
+    ops = {name: hlo_ops(c) for name, c in compiled.items()}
+    print("| | GFLOP | GB accessed | " + " | ".join(ops["linen"]) + " |")
+    print("| --- " * (3 + len(ops["linen"])) + "|")
+    for name, c in compiled.items():
+        counts = " | ".join(str(v) for v in ops[name].values())
+        print(f"| {name} | {flops_of(c) / 1e9:.2f} | {bytes_accessed(c) / 1e9:.2f} | {counts} |")
+
+
+def tunix_name(path: str) -> str:
+    from lora_one_jax.models.tunix import hf_name
+
+    return hf_name(path)
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare")
+    parser.add_argument(
+        "--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare, nnx"
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="asdiv")
     parser.add_argument("--examples", type=int, default=8, help="training examples (= micro-batches of one)")
@@ -695,9 +821,9 @@ def main(argv=None):
     limit.add_argument("--max-bytes", type=int, default=256 * MiB, help="streamed init: gradient bytes per pass")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"limit", "memory", "compare"}
+    unknown = sections - {"limit", "memory", "compare", "nnx"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare, nnx")
 
     meter = Meter()
     with meter.phase("load model"):
@@ -709,6 +835,8 @@ def main(argv=None):
         memory_section(args, model, params, config)
     if "compare" in sections:
         compare_section(args, meter, model, params, tok, config)
+    if "nnx" in sections:
+        nnx_section(args, model, params, tok, config)
 
 
 def compare_section(args, meter, model, params, tok, config) -> None:

@@ -489,6 +489,79 @@ def logits_of(out) -> jax.Array:
     return out[0] if isinstance(out, tuple) else out
 
 
+def nnx_call(model) -> Callable:
+    """``call(params, *args, **kwargs)``: ``model(*args, **kwargs)`` on a merged copy (``nnx.merge(graphdef, params,
+    rest)``), so jitted code takes the params as an argument and ``model`` is never mutated.
+
+    Example:
+        >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+        >>> _, params, _ = nnx_split(model)
+        >>> bool(jnp.allclose(nnx_call(model)(params, jnp.ones((1, 3))), model(jnp.ones((1, 3)))))
+        True
+    """
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return lambda params, *args, **kwargs: nnx.merge(graphdef, params, rest)(*args, **kwargs)
+
+
+def _cache_dtype(model, params):
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if dtype is not None:
+        return dtype
+    floats = [x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return floats[0] if floats else jnp.float32
+
+
+def init_cache(model, params, batch_size: int, cache_size: int):
+    """An empty KV cache for a tunix-style causal LM: ``model.init_cache(batch_size, cache_size, dtype)`` when the
+    model has one (tunix's Qwen 3), else tunix's own layout built from ``model.config`` (``num_layers``,
+    ``num_kv_heads``, ``head_dim``): ``{"layer_i": {"k", "v": zeros (B, S, K, H), "end_index": zeros (B,) int32}}``,
+    which tunix 0.1.7's Llama 3 / Gemma 3 attention reads and tunix's sampler builds for them. The dtype is the
+    config's ``dtype`` (the computation dtype) when it has one, else the params'.
+
+    Example:
+        >>> from lora_one_jax.models.tunix import toy_tunix
+        >>> model, params = toy_tunix("llama3")
+        >>> cache = init_cache(model, params, 2, 16)
+        >>> sorted(cache), cache["layer_0"]["k"].shape
+        (['layer_0', 'layer_1'], (2, 16, 2, 8))
+    """
+    dtype = _cache_dtype(model, params)
+    if callable(getattr(model, "init_cache", None)):
+        return model.init_cache(batch_size, cache_size, dtype)
+    config = getattr(model, "config", None)
+    sizes = [getattr(config, k, None) for k in ("num_layers", "num_kv_heads", "head_dim")]
+    if any(not isinstance(n, int) for n in sizes):
+        raise TypeError(
+            f"{type(model).__name__} has no init_cache and its config lacks num_layers / num_kv_heads / head_dim; "
+            "generation needs a tunix-style causal LM (model(tokens, positions, cache, mask) -> (logits, cache))"
+        )
+    layers, kv_heads, head_dim = sizes
+    shape = (batch_size, cache_size, kv_heads, head_dim)
+    layer = lambda: {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "end_index": jnp.zeros((batch_size,), jnp.int32),
+    }
+    return {f"layer_{i}": layer() for i in range(layers)}
+
+
+def cached_inputs(ids, attention_mask, position_ids, cache) -> tuple:
+    """``(tokens, positions, cache, mask)`` for a tunix-style call that appends ``ids`` (B, T) to ``cache``: the
+    (B, T, S) mask lets token ``t`` see cache slots ``s <= end + t`` (``end``: the cache's ``end_index``, shared by
+    the rows as tunix's attention reads it) that ``attention_mask`` (B, S, over the whole cache) marks real.
+
+    Example:
+        >>> cache = {"layer_0": {"end_index": jnp.array([2, 2])}}
+        >>> mask = jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]])
+        >>> cached_inputs(jnp.ones((2, 1), jnp.int32), mask, jnp.ones((2, 1), jnp.int32), cache)[3][:, 0].tolist()
+        [[False, True, True, False], [True, True, True, False]]
+    """
+    end = next(iter(cache.values()))["end_index"][0]
+    length, size = ids.shape[1], attention_mask.shape[1]
+    causal = jnp.arange(size)[None, :] <= end + jnp.arange(length)[:, None]
+    return ids, position_ids, cache, causal[None] & jnp.asarray(attention_mask).astype(bool)[:, None, :]
+
+
 def nnx_forward(model) -> Callable:
     """``forward(params, batch) -> logits`` for an NNX causal LM (tunix's call, ``tunix_inputs``) on a merged copy.
 
@@ -497,8 +570,8 @@ def nnx_forward(model) -> Callable:
         >>> callable(nnx_forward(model))
         True
     """
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    return lambda params, batch: logits_of(nnx.merge(graphdef, params, rest)(*tunix_inputs(batch)))
+    call = nnx_call(model)
+    return lambda params, batch: logits_of(call(params, *tunix_inputs(batch)))
 
 
 # ----------------------------------------------------------------------------- sharding over the user's mesh

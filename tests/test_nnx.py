@@ -383,3 +383,180 @@ def test_qwen3_folder_loads_into_tunix(tmp_path):
     assert _rel(lj.nnx.nnx_forward(model)(params, batch), reference) < 1e-4
     roundtrip = tunix.hf_state_dict(params)
     assert all(np.allclose(roundtrip[k], v.numpy(), atol=1e-6) for k, v in torch_model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- greedy generation through NNX
+
+
+def _nnx_greedy_reference(model, params, prompt_ids, n):
+    """Greedy tokens recomputing the whole prefix each step (no cache, no padding): an independent reference."""
+    forward = jax.jit(lj.nnx.nnx_forward(model))
+    ids = list(prompt_ids)
+    for _ in range(n):
+        logits = forward(params, {"input_ids": np.asarray([ids], np.int32)})
+        ids.append(int(np.asarray(logits)[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+PROMPTS = ["Hi", "2+2=", "The capital of France is", "Once upon a time there was a"]
+
+
+def test_nnx_greedy_generation_equals_linen_with_and_without_adapters():
+    from lora_one_jax.eval import Evaluator
+    from lora_one_jax.models import toy_llama
+
+    linen, linen_params, tok = toy_llama()
+    model, params = tunix.tunix_from_linen(linen.config, linen_params)
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="all-linear")
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    adapters = _random_adapters(adapters, std=0.3)
+    ours, theirs = Evaluator(model, tok, cfg, batch_size=3), Evaluator(linen, tok, cfg, batch_size=3)  # a filler row
+    out = {}
+    for name, nnx_ad, linen_ad in (("base", None, None), ("lora", adapters, tunix.to_hf_adapters(adapters))):
+        out[name] = ours.generate_ids(params, nnx_ad, PROMPTS, max_new_tokens=6, progress=False)
+        np.testing.assert_array_equal(
+            out[name], theirs.generate_ids(linen_params, linen_ad, PROMPTS, max_new_tokens=6, progress=False)
+        )
+        assert ours.generate(params, nnx_ad, PROMPTS, max_new_tokens=6, progress=False) == theirs.generate(
+            linen_params, linen_ad, PROMPTS, max_new_tokens=6, progress=False
+        )
+    assert (out["base"] != out["lora"]).any()  # the adapters change what is generated
+    merged = lj.merge(params, adapters, cfg)
+    prompt = tok(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    assert out["lora"][2].tolist() == _nnx_greedy_reference(model, merged, prompt, 6)
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen2"])
+def test_nnx_greedy_generation_with_tunix_cache_equals_recomputation(name):
+    from lora_one_jax.eval import Evaluator
+    from lora_one_jax.models import toy_tokenizer
+
+    tok = toy_tokenizer()
+    vocab = {"num_embed": len(tok)} if name == "gemma3" else {"vocab_size": len(tok)}
+    model, params = tunix.toy_tunix(name, std=0.3, **vocab)  # gemma3: sliding window 4, shorter than the prompts
+    new = Evaluator(model, tok, batch_size=2).generate_ids(params, None, PROMPTS, max_new_tokens=5, progress=False)
+    for row, text in zip(new, PROMPTS):
+        assert row.tolist() == _nnx_greedy_reference(model, params, tok(text, add_special_tokens=False)["input_ids"], 5)
+
+
+# ----------------------------------------------------------------------------- Qwen 2.5 and Gemma 3 folders
+
+
+def _torch_folder(tmp_path, name, config):
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    torch_model = getattr(tf, name)(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases (transformers initialises them to 0 / 1)
+        for key, value in torch_model.state_dict().items():
+            if value.ndim == 1:
+                value.copy_(
+                    0.3 * torch.randn_like(value) + (1.0 if "norm" in key and "gemma" not in name.lower() else 0)
+                )
+    torch_model.save_pretrained(tmp_path / name)
+    return torch_model, tmp_path / name
+
+
+def _torch_logits(torch_model, ids):
+    import torch
+
+    with torch.no_grad():
+        return torch_model(torch.tensor(np.asarray(ids, np.int64))).logits.numpy()
+
+
+def test_qwen2_folder_loads_into_tunix(tmp_path):
+    import transformers as tf
+
+    from lora_one_jax.models import load_model
+
+    config = tf.Qwen2Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        rope_theta=100_000.0,
+        tie_word_embeddings=True,
+    )
+    torch_model, folder = _torch_folder(tmp_path, "Qwen2ForCausalLM", config)
+    model, params, _ = load_model(folder, backend="nnx")
+    assert type(model).__name__ == "Qwen2"
+    assert np.abs(np.asarray(params["layers"][0]["attn"]["q_bias"].get_value())).max() > 0.1  # the biases are read
+    batch = _batch(shape=(1, 8))
+    assert _rel(lj.nnx.nnx_forward(model)(params, batch), _torch_logits(torch_model, batch["input_ids"])) < 1e-4
+    roundtrip = tunix.hf_state_dict(params)
+    expected = {k: v for k, v in torch_model.state_dict().items() if k != "lm_head.weight"}  # tied
+    assert set(roundtrip) == set(expected)
+    assert all(np.allclose(roundtrip[k], v.numpy(), atol=1e-6) for k, v in expected.items())
+    merged = tunix.save_pretrained_nnx(tmp_path / "merged", model, params)  # a merged export loads in PyTorch
+    again = tf.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert _rel(_torch_logits(again, batch["input_ids"]), _torch_logits(torch_model, batch["input_ids"])) < 1e-6
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4, 1])  # 2: q_einsum + kv_einsum; 4: the fused qkv_einsum; 1: MQA (1B / 270M)
+def test_gemma3_folder_loads_into_tunix(tmp_path, kv_heads):
+    import transformers as tf
+
+    from lora_one_jax.models import load_model
+
+    config = tf.Gemma3TextConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=7,  # layer 5 is global, the others slide
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=4,
+        vocab_size=64,
+        rope_theta=100_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )
+    torch_model, folder = _torch_folder(tmp_path, "Gemma3ForCausalLM", config)
+    model, params, _ = load_model(folder, backend="nnx")
+    assert type(model).__name__ == "Gemma3" and model.config.global_scale_factor == 2.0
+    batch = _batch(shape=(1, 12))  # longer than the sliding window
+    assert _rel(lj.nnx.nnx_forward(model)(params, batch), _torch_logits(torch_model, batch["input_ids"])) < 1e-4
+    roundtrip = tunix.hf_state_dict(params)
+    expected = {k: v for k, v in torch_model.state_dict().items() if k != "lm_head.weight"}
+    assert set(roundtrip) == set(expected)
+    assert all(np.allclose(roundtrip[k], v.numpy(), atol=1e-6) for k, v in expected.items())
+
+
+def test_gemma3_configs_tunix_cannot_express_are_refused():
+    import transformers as tf
+
+    base = dict(num_hidden_layers=6, head_dim=8, query_pre_attn_scalar=8)
+    for bad in ({"final_logit_softcapping": 30.0}, {"query_pre_attn_scalar": 5}, {"rms_norm_eps": 1e-5}):
+        with pytest.raises(NotImplementedError, match=next(iter(bad))):
+            tunix.gemma3_config_from_hf(tf.Gemma3TextConfig(**{**base, **bad}))
+    with pytest.raises(NotImplementedError, match="layer_types"):
+        tunix.gemma3_config_from_hf(tf.Gemma3TextConfig(**base, layer_types=["full_attention"] * 6))
+
+
+# ----------------------------------------------------------------------------- qwix hand-off
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma3"])
+def test_to_qwix_carries_the_adapters_into_qwix_lora_params(name):
+    pytest.importorskip("qwix")
+    model, params = tunix.toy_tunix(name)
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, rslora=True, targets="all-linear", rank_pattern=((r".*mlp.*", 3),))
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    adapters = _random_adapters(adapters)
+    q = tunix.to_qwix(model, params, adapters, cfg)
+    batch = _batch()
+    inputs = lj.nnx.tunix_inputs(batch)
+    ours = lj.nnx.logits_of(lj.with_lora(model, cfg)(params, adapters, *inputs))
+    theirs = lj.nnx.logits_of(q(*inputs))
+    assert _rel(theirs, ours) < 1e-5
+    assert _rel(ours, lj.nnx.nnx_forward(model)(params, batch)) > 1e-3  # the adapters matter
+    lora = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.state(q, nnx.LoRAParam).flat_state()}
+    assert len(lora) == 2 * len(adapters)
+    for path, ad in adapters.items():
+        w = "kernel" if "mlp" in path else "w"
+        np.testing.assert_array_equal(lora[f"{path}/{w}_lora_a"].reshape(ad["a"].shape), ad["a"])
+        np.testing.assert_array_equal(lora[f"{path}/{w}_lora_b"].reshape(ad["b"].shape), ad["b"])
+    assert not nnx.state(model, nnx.LoRAParam).flat_state()  # the model passed in is not changed

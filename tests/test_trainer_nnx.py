@@ -43,3 +43,33 @@ def test_nnx_backend_trains_like_linen_and_exports_hf_names(tmp_path):
 def test_the_shipped_nnx_config_uses_the_nnx_backend():
     cfg = load_config("nnx-smollm2")
     assert cfg.model.backend == "nnx" and cfg.model.spec == "smollm2-135m"
+
+
+def test_nnx_backend_scores_a_number_task_by_exact_match_like_linen(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"q": f"{i} + {i % 7} =", "a": f" {i + i % 7}"}) + "\n" for i in range(40)))
+    over = {
+        "task.spec": f"jsonl:{path}",
+        "task.options": {"fields": {"prompt": "q", "answer": "a"}, "kind": "number"},
+        "train.steps": 2,
+        "eval.every": 2,
+        "eval.score": True,
+        "eval.max_new_tokens": 4,
+        "checkpoint.every": 0,
+        "export.peft": False,
+        "export.adapters": False,
+    }
+    out = {
+        backend: run(
+            RunConfig.from_dict(tiny_config(tmp_path, **over, name=backend, **{"model.backend": backend})),
+            progress=False,
+        )
+        for backend in ("linen", "nnx")
+    }
+    results = {k: v["methods"]["lora-one"] for k, v in out.items()}
+    evals = [r for r in results["nnx"]["history"] if "eval/score" in r]
+    assert evals and all(r["eval/metric"] == "exact_match" for r in evals)
+    for key in ("score_before", "score_after"):  # greedy generation through tunix's Llama3 = through linen
+        assert results["nnx"][key] is not None and results["nnx"][key] == results["linen"][key]
+    for key in ("answer_loss_before", "answer_loss_after"):
+        assert results["nnx"][key] == pytest.approx(results["linen"][key], rel=1e-3)

@@ -48,7 +48,7 @@ from lora_one_jax.losses import (
     sequence_logprob,
     sequence_scores,
 )
-from lora_one_jax.nnx import is_nnx_module, logits_of, nnx_forward, tunix_inputs
+from lora_one_jax.nnx import cached_inputs, init_cache, is_nnx_module, nnx_call, tunix_inputs
 from lora_one_jax.progress import progress_bar
 from lora_one_jax.sharding import to_numpy
 from lora_one_jax.transform import with_lora
@@ -93,16 +93,31 @@ def _forward(model, config: LoraConfig | None, with_adapters: bool, targets: dic
 
 
 def _forward_nnx(model, config, with_adapters: bool, targets) -> Callable:
-    """``_forward`` for an NNX causal LM: ``input_ids`` with ``attention_mask`` / ``position_ids`` keywords."""
+    """``_forward`` for an NNX causal LM (tunix's call convention), read like a HF model: ``input_ids`` with
+    ``attention_mask`` / ``position_ids`` keywords; with ``past_key_values`` (a tunix KV cache, ``init_cache``) the
+    tokens are appended to the cache (``attention_mask`` then spans the whole cache) and the output carries the
+    updated cache as ``past_key_values``."""
     apply = with_lora(model, config, targets=targets) if with_adapters else None
-    plain = nnx_forward(model)
+    call = nnx_call(model)
 
-    def forward(params, adapters, ids, **kw):
-        batch = {"input_ids": ids, **kw}
-        logits = logits_of(apply(params, adapters, *tunix_inputs(batch))) if apply else plain(params, batch)
-        return SimpleNamespace(logits=logits)
+    def forward(params, adapters, ids, past_key_values=None, **kw):
+        if past_key_values is None:
+            args = tunix_inputs({"input_ids": ids, **kw})
+        else:
+            args = cached_inputs(ids, kw["attention_mask"], kw["position_ids"], past_key_values)
+        out = apply(params, adapters, *args) if apply else call(params, *args)
+        logits, cache = out if isinstance(out, tuple) else (out, None)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
 
     return forward
+
+
+def _empty_cache(model, params, batch: int, size: int):
+    """A zero KV cache of ``size`` slots: tunix's layout for NNX models, ``model.init_cache``'s for HF Flax ones."""
+    if is_nnx_module(model):
+        return init_cache(model, params, batch, size)
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, size))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _sequence_scores(forward, model):
@@ -132,10 +147,12 @@ def _next_token_scores(forward, model):
 
 
 def _greedy(forward, model, max_new_tokens):
+    """Greedy decoding with a KV cache of ``length + max_new_tokens`` slots (HF Flax's ``init_cache``, or tunix's
+    layout for NNX models): the left-padded prompt fills it in one call, then ``lax.scan`` appends one token a step."""
+
     def run(params, adapters, input_ids, attention_mask):
         batch, length = input_ids.shape
-        shapes = jax.eval_shape(lambda: model.init_cache(batch, length + max_new_tokens))
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        cache = _empty_cache(model, params, batch, length + max_new_tokens)
         mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), attention_mask.dtype)], axis=1)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         out = forward(params, adapters, input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
@@ -314,8 +331,11 @@ class Evaluator:
                 f"greedy generation is implemented for causal LMs; {type(model).__name__} is an encoder-decoder: "
                 "evaluate it on choice tasks (scored by likelihood) or by answer loss (eval.score: false)"
             )
-        if not hasattr(model, "init_cache"):
-            raise TypeError(f"{type(model).__name__} has no init_cache; generate needs a Hugging Face Flax causal LM")
+        if not hasattr(model, "init_cache") and not is_nnx_module(model):
+            raise TypeError(
+                f"{type(model).__name__} has no init_cache; generate needs a Hugging Face Flax causal LM or an NNX "
+                "causal LM with tunix's call convention"
+            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
 
@@ -328,16 +348,34 @@ class Evaluator:
     def generate(
         self, params, adapters, prompts: Sequence[str], *, max_new_tokens: int = 16, progress: bool = True
     ) -> list[str]:
-        """Greedy continuations (text after the prompt, cut at eos), jitted with a KV cache.
+        """Greedy continuations (text after the prompt, cut at eos), jitted with a KV cache (``generate_ids``).
 
         Prompts are left-padded to a bucket length (at most ``max_len``, cut from the left), so few
-        shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...).
+        shapes are compiled. Needs a HF Flax causal LM with ``init_cache`` (Llama, Mistral, Gemma, GPT-2...) or
+        an NNX causal LM with tunix's call convention ``model(tokens, positions, cache, mask) -> (logits, cache)``
+        (tunix's Llama 3, Qwen 2.5, Qwen 3, Gemma 3: the KV cache in tunix's layout, ``lora_one_jax.nnx.init_cache``).
+        """
+        new = self.generate_ids(params, adapters, prompts, max_new_tokens=max_new_tokens, progress=progress)
+        return [self._decode(row) for row in new]
+
+    def generate_ids(
+        self, params, adapters, prompts: Sequence[str], *, max_new_tokens: int = 16, progress: bool = True
+    ) -> np.ndarray:
+        """The greedy tokens after each prompt, ``(len(prompts), max_new_tokens)`` int32, not cut at eos (``generate``
+        decodes them).
+
+        Example:
+            >>> from lora_one_jax.models import load_model
+            >>> model, params, tok = load_model("toy-llama", backend="nnx")  # tunix's Llama3: its KV cache layout
+            >>> Evaluator(model, tok, batch_size=2).generate_ids(params, None, ["Hi", "2+2="], max_new_tokens=3,
+            ...                                                  progress=False).shape
+            (2, 3)
         """
         self._check_generation(max_new_tokens)
         run = self._program("greedy", adapters is not None, int(max_new_tokens))
         ids = [p[-self.max_len :] for p in self._ids(prompts)]
         pad, buckets = pad_id_of(self.tokenizer), bucket_lengths(self.max_len)
-        texts: list[str] = [""] * len(ids)
+        out = np.zeros((len(ids), int(max_new_tokens)), np.int32)
         for idx in _longest_first([len(p) for p in ids], self.batch_size, "generating", progress):
             length = next(b for b in buckets if b >= max(len(ids[i]) for i in idx))
             tokens = np.full((self.batch_size, length), pad, np.int32)
@@ -346,10 +384,8 @@ class Evaluator:
                 if ids[i]:
                     tokens[r, -len(ids[i]) :], mask[r, -len(ids[i]) :] = ids[i], 1
             mask[len(idx) :, -1] = 1  # filler rows attend to one token
-            new = to_numpy(run(params, adapters, jnp.asarray(tokens), jnp.asarray(mask)))
-            for r, i in enumerate(idx):
-                texts[i] = self._decode(new[r])
-        return texts
+            out[idx] = to_numpy(run(params, adapters, jnp.asarray(tokens), jnp.asarray(mask)))[: len(idx)]
+        return out
 
     def evaluate(
         self,

@@ -37,7 +37,8 @@ from flax import nnx
 
 from lora_one_jax.nnx import kernels, nnx_split, to_matrix
 
-FAMILIES = ("llama3", "qwen3", "gemma3")
+FAMILIES = ("llama3", "qwen2", "qwen3", "gemma3")
+CLASSES = {"llama3": "Llama3", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3"}
 _FLAG = "flax_always_shard_variable"
 _ROPE = threading.local()  # the rope base of the attention block being traced (see _fix_rope)
 
@@ -120,9 +121,8 @@ def build(family: str, config, *, seed: int = 0):
         (32, 4, 8)
     """
     module = import_tunix(family)
-    cls = {"llama3": "Llama3", "qwen3": "Qwen3", "gemma3": "Gemma3"}[family]
     with tunix_flags():
-        model = getattr(module, cls)(config, rngs=nnx.Rngs(seed))
+        model = getattr(module, CLASSES[family])(config, rngs=nnx.Rngs(seed))
     return model, nnx_split(model)[1]
 
 
@@ -306,10 +306,10 @@ def from_hf_adapters(adapters, family: str = "llama3"):
 
 
 def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
-    """``(model, params, tokenizer)`` with a tunix model: a local Hugging Face Llama / Qwen 3 folder is read
-    straight into tunix's ``Llama3`` / ``Qwen3`` (``load_hf_nnx``); the other Llama-family specs ``load_model``
-    knows (``"smollm2-135m"``, ``"toy-llama"``, a ``.gguf`` file) are read as for the linen backend, then
-    moved into tunix's ``Llama3`` layout (``tunix_from_linen``).
+    """``(model, params, tokenizer)`` with a tunix model: a local Hugging Face Llama / Qwen 2.5 / Qwen 3 / Gemma 3
+    (text) folder is read straight into tunix's ``Llama3`` / ``Qwen2`` / ``Qwen3`` / ``Gemma3`` (``load_hf_nnx``);
+    the other Llama-family specs ``load_model`` knows (``"smollm2-135m"``, ``"toy-llama"``, a ``.gguf`` file) are
+    read as for the linen backend, then moved into tunix's ``Llama3`` layout (``tunix_from_linen``).
 
     Example:
         >>> model, params, tok = load_nnx("toy-llama")
@@ -324,8 +324,9 @@ def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
     if type(linen).__name__ != "FlaxLlamaForCausalLM":
         raise NotImplementedError(
             f"backend='nnx' builds tunix's Llama3 from Llama-family checkpoints; {spec!r} is a "
-            f"{type(linen).__name__}. Build other tunix models (Qwen 3, Gemma 3) with tunix's own loaders and pass "
-            "them to the core with lora_one_jax.nnx_split(model)"
+            f"{type(linen).__name__}. Qwen 2.5, Qwen 3 and Gemma 3 load from a local Hugging Face folder "
+            "(load_model(folder, backend='nnx')); build other tunix models with tunix's own loaders and pass them to "
+            "the core with lora_one_jax.nnx_split(model)"
         )
     model, params = tunix_from_linen(linen.config, linen_params, dtype=dtype)
     return model, params, tok
@@ -334,16 +335,24 @@ def load_nnx(spec: str, *, dtype=jnp.float32, tokenizer=None):
 # tunix param (regex over its path) -> Hugging Face weight name, for the weights that are not adapter kernels
 _OTHER_WEIGHTS = (
     (r"embedder/input_embedding", r"model/embed_tokens/weight"),
-    (r"final_norm/w", r"model/norm/weight"),
+    (r"final_norm/(w|scale)", r"model/norm/weight"),
     (r"layers/(\d+)/(input_layernorm|post_attention_layernorm)/w", r"model/layers/\1/\2/weight"),
-    (r"layers/(\d+)/attn/(q_norm|k_norm)/w", r"model/layers/\1/self_attn/\2/weight"),
+    (r"layers/(\d+)/attn/(q_norm|k_norm)/w", r"model/layers/\1/self_attn/\2/weight"),  # Qwen 3
+    (r"layers/(\d+)/attn/(q|k|v)_bias", r"model/layers/\1/self_attn/\2_proj/bias"),  # Qwen 2.5
+    (r"layers/(\d+)/pre_attention_norm/scale", r"model/layers/\1/input_layernorm/weight"),  # Gemma 3 from here
+    (r"layers/(\d+)/post_attention_norm/scale", r"model/layers/\1/post_attention_layernorm/weight"),
+    (r"layers/(\d+)/pre_ffw_norm/scale", r"model/layers/\1/pre_feedforward_layernorm/weight"),
+    (r"layers/(\d+)/post_ffw_norm/scale", r"model/layers/\1/post_feedforward_layernorm/weight"),
+    (r"layers/(\d+)/attn/_query_norm/scale", r"model/layers/\1/self_attn/q_norm/weight"),
+    (r"layers/(\d+)/attn/_key_norm/scale", r"model/layers/\1/self_attn/k_norm/weight"),
 )
 
 
 def hf_state_dict(params) -> dict[str, np.ndarray]:
-    """A tunix Llama 3 / Qwen 3 ``params`` state (e.g. merged with adapters) as a PyTorch ``state_dict`` of numpy
-    arrays named as transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` expect: every kernel is its
-    ``(d_in, d_out)`` matrix transposed (``nnx.to_matrix``), norms and the embedding as they are.
+    """A tunix Llama 3 / Qwen 2.5 / Qwen 3 / Gemma 3 ``params`` state (e.g. merged with adapters) as a PyTorch
+    ``state_dict`` of numpy arrays named as transformers' ``*ForCausalLM`` expects: every kernel is its ``(d_in,
+    d_out)`` matrix transposed (``nnx.to_matrix``; Gemma's fused ``kv_einsum`` / ``qkv_einsum`` split into
+    ``k_proj`` / ``v_proj`` (/ ``q_proj``)), norms, biases and the embedding as they are.
 
     Example:
         >>> model, params = toy_tunix("llama3")
@@ -355,49 +364,126 @@ def hf_state_dict(params) -> dict[str, np.ndarray]:
     out = {}
     for keys, var in params.flat_state():
         keys, value = tuple(keys), var.get_value()
-        k = by_keys.get(keys)
-        if k is not None:
-            value = np.asarray(to_matrix(value, k.in_axes)).T
-        out[_hf_weight(keys)] = np.asarray(value, np.float32)
+        names, k = _hf_weights(keys), by_keys.get(tuple(keys))
+        parts = [value] if k is None else np.split(np.asarray(to_matrix(value, k.in_axes)).T, len(names))
+        out.update({name: np.asarray(part, np.float32) for name, part in zip(names, parts)})
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _hf_weight(keys) -> str:
-    """The transformers state-dict name of a tunix Llama 3 / Qwen 3 param."""
+def _hf_weights(keys) -> tuple[str, ...]:
+    """The transformers state-dict name(s) of a tunix param: several for Gemma's fused einsums (stacked by rows)."""
     path = "/".join(map(str, keys))
     name = next((re.sub(p, t, path) for p, t in _OTHER_WEIGHTS if re.fullmatch(p, path)), None)
-    if name is None and str(keys[-1]) in ("w", "kernel"):
-        name = hf_name("/".join(map(str, keys[:-1]))) + "/weight"
-    if name is None:
-        raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3 / Qwen 3 only)")
-    return name.replace("/", ".")
+    if name is not None:
+        return (name.replace("/", "."),)
+    if str(keys[-1]) in ("w", "kernel"):
+        return tuple(f"{m}/weight".replace("/", ".") for m in hf_modules("/".join(map(str, keys[:-1]))))
+    raise ValueError(f"tunix param {path!r} has no Hugging Face weight name here (Llama 3, Qwen 2.5 / 3, Gemma 3)")
+
+
+def _no_rope_scaling(hf, cls: str) -> None:
+    scaling = getattr(hf, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's {cls}")
+
+
+def _qwen_config(hf, family: str, dtype):
+    """tunix ``ModelConfig`` of a transformers ``Qwen2Config`` / ``Qwen3Config``."""
+    _no_rope_scaling(hf, CLASSES[family])
+    if getattr(hf, "use_sliding_window", False):
+        raise NotImplementedError(
+            f"{CLASSES[family]} in tunix 0.1.7 has no sliding-window attention (use_sliding_window)"
+        )
+    return import_tunix(family).ModelConfig(
+        num_layers=hf.num_hidden_layers,
+        vocab_size=hf.vocab_size,
+        embed_dim=hf.hidden_size,
+        hidden_dim=hf.intermediate_size,
+        num_heads=hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads,
+        rope_theta=hf.rope_theta,
+        norm_eps=hf.rms_norm_eps,
+        use_tied_embedding=bool(hf.tie_word_embeddings),
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+
+
+def gemma3_config_from_hf(hf, dtype=jnp.float32):
+    """tunix ``gemma3.ModelConfig`` of a transformers ``Gemma3TextConfig``; raises, naming the field, for what tunix
+    0.1.7's ``Gemma3`` hard-codes otherwise (the 5 local : 1 global layer pattern, RMSNorm eps 1e-6, tied
+    embeddings, tanh GELU, no softcapping, query scale 1/sqrt(head_dim) or 1/sqrt(hidden/heads), linear rope scaling
+    of the global layers only).
+
+    Example:
+        >>> from transformers import Gemma3TextConfig
+        >>> c = gemma3_config_from_hf(Gemma3TextConfig(num_hidden_layers=6, head_dim=8, query_pre_attn_scalar=8))
+        >>> c.num_layers, c.sliding_window_size, c.global_base_frequency
+        (6, 4096, 1000000.0)
+    """
+    gm = import_tunix("gemma3")
+    n = hf.num_hidden_layers
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    scalings = {hf.head_dim: gm.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM}
+    scalings.setdefault(
+        hf.hidden_size // hf.num_attention_heads,
+        gm.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS,
+    )
+    scaling = getattr(hf, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    problems = {
+        "layer_types": list(getattr(hf, "layer_types", None) or pattern) != pattern,
+        "rms_norm_eps": hf.rms_norm_eps != 1e-6,
+        "tie_word_embeddings": not hf.tie_word_embeddings,
+        "hidden_activation": hf.hidden_activation != "gelu_pytorch_tanh",
+        "attn_logit_softcapping": hf.attn_logit_softcapping is not None,
+        "final_logit_softcapping": hf.final_logit_softcapping is not None,
+        "query_pre_attn_scalar": hf.query_pre_attn_scalar not in scalings,
+        "attention_bias": bool(getattr(hf, "attention_bias", False)),
+        "use_bidirectional_attention": bool(getattr(hf, "use_bidirectional_attention", False)),
+        "rope_scaling": kind not in ("default", "linear"),
+    }
+    bad = [k for k, v in problems.items() if v]
+    if bad:
+        raise NotImplementedError(
+            f"this Gemma 3 config sets {bad} to values tunix 0.1.7's Gemma3 cannot express (it hard-codes 5 sliding "
+            "layers then 1 global, RMSNorm eps 1e-6, tied embeddings, tanh GELU, no logit softcapping, no attention "
+            "bias, causal attention, a query scale of 1/sqrt(head_dim) or 1/sqrt(hidden/heads), linear rope scaling)"
+        )
+    return gm.ModelConfig(
+        num_layers=n,
+        num_embed=hf.vocab_size,
+        embed_dim=hf.hidden_size,
+        hidden_dim=hf.intermediate_size,
+        num_heads=hf.num_attention_heads,
+        head_dim=hf.head_dim,
+        num_kv_heads=hf.num_key_value_heads,
+        sliding_window_size=hf.sliding_window,
+        local_base_frequency=hf.rope_local_base_freq,
+        global_base_frequency=hf.rope_theta,
+        global_scale_factor=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
+        query_pre_attn_norm=scalings[hf.query_pre_attn_scalar],
+        param_dtype=dtype,
+    )
 
 
 def _tunix_config(hf, dtype):
-    """``(family, tunix ModelConfig)`` of a transformers config (Llama or Qwen 3)."""
+    """``(family, tunix ModelConfig)`` of a transformers config (Llama, Qwen 2.5, Qwen 3, Gemma 3 text)."""
     if hf.model_type == "llama":
         return "llama3", llama_config_from_hf(hf)
-    if hf.model_type == "qwen3":
-        scaling = getattr(hf, "rope_scaling", None)
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's Qwen3")
-        return "qwen3", import_tunix("qwen3").ModelConfig(
-            num_layers=hf.num_hidden_layers,
-            vocab_size=hf.vocab_size,
-            embed_dim=hf.hidden_size,
-            hidden_dim=hf.intermediate_size,
-            num_heads=hf.num_attention_heads,
-            head_dim=hf.head_dim,
-            num_kv_heads=hf.num_key_value_heads,
-            rope_theta=hf.rope_theta,
-            norm_eps=hf.rms_norm_eps,
-            use_tied_embedding=bool(hf.tie_word_embeddings),
-            dtype=dtype,
-            param_dtype=dtype,
+    if hf.model_type in ("qwen2", "qwen3"):
+        return hf.model_type, _qwen_config(hf, hf.model_type, dtype)
+    if hf.model_type == "gemma3_text":
+        return "gemma3", gemma3_config_from_hf(hf, dtype)
+    if hf.model_type == "gemma3":
+        raise NotImplementedError(
+            "a multimodal Gemma 3 folder (Gemma3ForConditionalGeneration, model_type 'gemma3'): backend='nnx' reads "
+            "text-only Gemma 3 folders (Gemma3ForCausalLM, model_type 'gemma3_text', e.g. gemma-3-1b / 270m)"
         )
     raise NotImplementedError(
-        f"model_type {hf.model_type!r}: backend='nnx' reads Llama and Qwen 3 folders; build other tunix models "
-        "(Gemma 3) with tunix's own loaders and pass them to lora_one_jax.nnx_split(model)"
+        f"model_type {hf.model_type!r}: backend='nnx' reads Llama, Qwen 2.5, Qwen 3 and Gemma 3 (text) folders; build "
+        "other tunix models with tunix's own loaders and pass them to lora_one_jax.nnx_split(model)"
     )
 
 
@@ -423,11 +509,12 @@ def _safetensors_tensors(folder):
 
 
 def load_hf_nnx(folder, *, dtype=jnp.float32, tokenizer=None):
-    """A local Hugging Face Llama / Qwen 3 folder (safetensors, PyTorch names) as tunix's ``Llama3`` / ``Qwen3``:
-    ``(model, params, tokenizer)``, each weight moved into tunix's layout (the inverse of ``hf_state_dict``).
+    """A local Hugging Face Llama / Qwen 2.5 / Qwen 3 / Gemma 3 (text) folder (safetensors, PyTorch names) as tunix's
+    ``Llama3`` / ``Qwen2`` / ``Qwen3`` / ``Gemma3``: ``(model, params, tokenizer)``, each weight moved into tunix's
+    layout (the inverse of ``hf_state_dict``; Gemma's ``k_proj`` / ``v_proj`` stacked into its ``kv_einsum``).
 
     Example:
-        >>> model, params, tok = load_hf_nnx("path/to/Qwen3-0.6B")  # doctest: +SKIP
+        >>> model, params, tok = load_hf_nnx("path/to/Qwen2.5-0.5B")  # doctest: +SKIP
     """
     import transformers
 
@@ -435,7 +522,7 @@ def load_hf_nnx(folder, *, dtype=jnp.float32, tokenizer=None):
 
     hf = transformers.AutoConfig.from_pretrained(folder)
     family, config = _tunix_config(hf, dtype)
-    cls = {"llama3": "Llama3", "qwen3": "Qwen3"}[family]
+    cls = CLASSES[family]
     with tunix_flags():
         abstract = nnx.eval_shape(lambda: getattr(import_tunix(family), cls)(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx_split(abstract)
@@ -444,14 +531,17 @@ def load_hf_nnx(folder, *, dtype=jnp.float32, tokenizer=None):
     flat = []
     for keys, var in params.flat_state():
         keys = tuple(keys)
-        name = _hf_weight(keys)
-        if name not in tensors:
-            raise ValueError(f"{folder} lacks {name!r} (tunix {'/'.join(map(str, keys))}); is it a {cls} checkpoint?")
-        value, k = tensors[name], by_keys.get(keys)
-        if k is not None:
-            value = from_matrix(value.T, k.shape, k.in_axes)
+        names = _hf_weights(keys)
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{folder} lacks {missing} (tunix {'/'.join(map(str, keys))}); is it a {cls} checkpoint?")
+        k = by_keys.get(keys)
+        if k is None:
+            value = tensors[names[0]]
+        else:
+            value = from_matrix(np.concatenate([tensors[n].T for n in names], axis=1), k.shape, k.in_axes)
         if tuple(np.shape(value)) != tuple(var.get_value().shape):
-            raise ValueError(f"{name} has shape {np.shape(value)}, tunix expects {var.get_value().shape}")
+            raise ValueError(f"{names} has shape {np.shape(value)}, tunix expects {var.get_value().shape}")
         flat.append((keys, var.replace(value=jnp.asarray(value, dtype))))
     params = nnx.State.from_flat_path(flat)
     if tokenizer is None and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -495,7 +585,8 @@ def load_peft_nnx(folder, family: str = "llama3"):
 
 
 def hf_config(model):
-    """A transformers ``LlamaConfig`` / ``Qwen3Config`` describing a tunix Llama 3 / Qwen 3 model.
+    """A transformers ``LlamaConfig`` / ``Qwen2Config`` / ``Qwen3Config`` describing a tunix Llama 3 / Qwen 2.5 /
+    Qwen 3 model.
 
     Example:
         >>> model, _ = toy_tunix("qwen3")
@@ -506,11 +597,14 @@ def hf_config(model):
 
     c = model.config
     name = type(model).__name__
-    if name not in ("Llama3", "Qwen3"):
-        raise NotImplementedError(f"no Hugging Face config for tunix {name} here (Llama3 and Qwen3 only)")
+    classes = {"Llama3": "Llama", "Qwen2": "Qwen2", "Qwen3": "Qwen3"}
+    if name not in classes:
+        raise NotImplementedError(
+            f"no Hugging Face config for tunix {name} here (Llama3, Qwen2 and Qwen3 only): a merged {name} folder "
+            "cannot be written; export PEFT adapters instead"
+        )
     tied = c.weight_tying if name == "Llama3" else c.use_tied_embedding
-    cls = transformers.LlamaConfig if name == "Llama3" else transformers.Qwen3Config
-    return cls(
+    return getattr(transformers, f"{classes[name]}Config")(
         vocab_size=c.vocab_size,
         hidden_size=c.embed_dim,
         intermediate_size=c.hidden_dim,
@@ -521,7 +615,7 @@ def hf_config(model):
         rope_theta=float(c.rope_theta),
         rms_norm_eps=c.norm_eps,
         tie_word_embeddings=bool(tied),
-        architectures=["LlamaForCausalLM" if name == "Llama3" else "Qwen3ForCausalLM"],
+        architectures=[f"{classes[name]}ForCausalLM"],
     )
 
 
@@ -553,3 +647,72 @@ def save_pretrained_nnx(folder, model, params, tokenizer=None):
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------- qwix hand-off
+
+
+def _constant(value, what: str):
+    """A qwix initializer that returns ``value`` laid out in the shape qwix asks for (same element order)."""
+
+    def init(rng, shape, dtype):
+        del rng
+        if int(np.prod(shape)) != value.size:
+            raise ValueError(f"{what}: qwix asks for shape {tuple(shape)}, the adapter has {value.shape}")
+        return jnp.reshape(value, shape).astype(dtype)
+
+    return init
+
+
+def to_qwix(model, params, adapters, config, *inputs, targets=None, **input_kwargs):
+    """A copy of ``model`` (with ``params``, e.g. the base an init returned) carrying ``adapters`` the way qwix
+    adapts NNX models: ``nnx.LoRAParam`` ``<w>_lora_a`` / ``<w>_lora_b`` on each targeted layer, so tunix's own
+    trainers (``PeftTrainer``, RL) continue from a LoRA-One init. One ``qwix.LoraRule`` per module, with
+    ``alpha = scale * rank`` (qwix scales by alpha / rank), so rsLoRA and per-module ranks / alphas keep their
+    scale. qwix needs one call of the model to create its params: ``inputs`` / ``input_kwargs`` (default: the
+    tunix model's ``get_model_input()``). Dropout is carried over (qwix draws it from the model's rngs).
+
+    Example:
+        >>> model, params = toy_tunix("llama3")
+        >>> cfg = lj.LoraConfig(rank=2, targets=["q_proj"])
+        >>> base, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+        >>> q = to_qwix(model, base, adapters, cfg)
+        >>> q.layers[0].attn.q_proj.w_lora_a.shape, type(q.layers[0].attn.q_proj.w_lora_b).__name__
+        ((32, 2), 'LoRAParam')
+    """
+    import qwix
+
+    from lora_one_jax.config import find_targets
+
+    resolved = find_targets(params, config) if targets is None else targets
+    missing = sorted(set(adapters) - set(resolved))
+    if missing:
+        raise ValueError(
+            f"adapters {missing[:5]} are not targets of this LoraConfig; pass the config they were made with"
+        )
+    rules = [
+        qwix.LoraRule(
+            module_path=re.escape(path),
+            rank=resolved[path].rank,
+            alpha=resolved[path].scale * resolved[path].rank,
+            dropout=config.dropout,
+            lora_a_initializer=_constant(jnp.asarray(ad["a"]), f"{path} A"),
+            lora_b_initializer=_constant(jnp.asarray(ad["b"]), f"{path} B"),
+        )
+        for path, ad in sorted(adapters.items())
+    ]
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    copy = nnx.merge(graphdef, params, rest)
+    if not inputs and not input_kwargs:
+        if not hasattr(copy, "get_model_input"):
+            raise TypeError(
+                f"{type(model).__name__} has no get_model_input(): pass example inputs for qwix's first call"
+            )
+        input_kwargs = copy.get_model_input()
+    with tunix_flags():
+        out = qwix.apply_lora_to_model(copy, qwix.LoraProvider(rules), *inputs, rngs=nnx.Rngs(0), **input_kwargs)
+    made = {"/".join(map(str, k[:-1])) for k, _ in nnx.state(out, nnx.LoRAParam).flat_state()}
+    unmatched = sorted(p for p in adapters if p not in made)
+    if unmatched:
+        raise ValueError(f"qwix did not adapt {unmatched[:5]}: their layers did not run in the example call")
+    return out
