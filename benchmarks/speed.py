@@ -3,6 +3,7 @@
     python benchmarks/speed.py                       # SmolLM2-135M, 8 ASDiv examples (~6 min on 2 CPU cores)
     python benchmarks/speed.py --model toy-llama --official-svd-q 64   # a quick smoke run
     python benchmarks/speed.py --sections nnx        # the same model through tunix's NNX Llama3 against linen
+    python benchmarks/speed.py --sections stage      # the trainer's gradient stage: before, one pass, streamed
 
 What it measures, on the same weights and the same 8 training examples:
 
@@ -43,6 +44,7 @@ import optax
 import lora_one_jax as lj
 from lora_one_jax.data import load_task, pad_batch, pad_id_of, tokenize
 from lora_one_jax.export import pytorch_state_dict
+from lora_one_jax.gradient import pad_micro_batches
 from lora_one_jax.models import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -642,6 +644,72 @@ def limit_section(args, model, params, tok, config) -> None:
     )
 
 
+def previous_stage(loss, params, micro, config):
+    """The trainer's gradient stage before ``gradient_factors``: the whole gradient, then both halves' (three
+    passes over the data), LoRA-One's factors at gamma 1, G's subspaces and the halves' stability."""
+    grads = lj.estimate_gradient(loss, params, micro, config, progress=False)
+    unit = lj.unit_spectral_init(grads, config)
+    subspaces = lj.gradient_subspaces(grads, config)
+    half = len(micro) // 2
+    halves = [lj.estimate_gradient(loss, params, part, config, progress=False) for part in (micro[:half], micro[half:])]
+    return jax.block_until_ready(unit), subspaces, lj.gradient_stability(*halves, config)
+
+
+def stage_section(args, model, params, tok, config) -> None:
+    """The trainer's gradient stage (LoRA-One's factors + the diagnostics' subspaces and stability) as it was
+    (three gradient passes), with ``gradient_factors`` in one pass (G from the two halves) and streamed."""
+    rows = tokenize(load_task(args.limit_task).train.select(range(args.examples)), tok, max_len=args.limit_max_len)
+    micro = [
+        pad_batch([{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]}], pad_id=pad_id_of(tok)) for r in rows
+    ]
+    micro = pad_micro_batches(micro)  # one shape, as the trainer's gradient examples
+    loss = lj.full_loss_fn(model)
+    n = len(lj.find_targets(params, config))
+    stage = lambda per_pass: lj.gradient_factors(
+        loss, params, micro, config, subspaces=True, stability=True, kernels_per_pass=per_pass, progress=False
+    )
+    variants = {
+        "previous: whole gradient + both halves (3 passes over the data)": lambda: previous_stage(
+            loss, params, micro, config
+        ),
+        "gradient_factors, one pass (G from the halves)": lambda: stage(n),
+        f"gradient_factors, kernels_per_pass={args.kernels_per_pass}": lambda: stage(args.kernels_per_pass),
+    }
+    outputs = {name: fn() for name, fn in variants.items()}  # warm-up (compiles)
+    times = {name: [] for name in variants}
+    for _ in range(args.reps):  # in turns
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    (before, _, stability), *_ = outputs.values()
+    print(
+        f"\n### The trainer's gradient stage ({args.model}, {len(micro)} one-example {args.limit_task} micro-batches, "
+        f"{n} modules, LoRA-One + diagnostics, steady state)\n"
+    )
+    print(
+        "| stage | time (median) | vs previous | forward/backward passes over the data | largest relative A B "
+        "difference to previous |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    base = statistics.median(times[next(iter(times))])
+    for name, out in outputs.items():
+        factors = isinstance(out, lj.GradientFactors)
+        unit = out.unit["lora-one"] if factors else out[0]
+        gap = max(
+            float(jnp.abs(unit[p]["a"] @ unit[p]["b"] - before[p]["a"] @ before[p]["b"]).max())
+            / float(jnp.abs(before[p]["a"] @ before[p]["b"]).max())
+            for p in before
+        )
+        passes = len(out.passes) if factors else 2  # the whole gradient, then the two halves: twice the data
+        t = statistics.median(times[name])
+        print(f"| {name} | {t:.2f} s | {t / base:.2f}x | {passes} | {gap:.1e} |")
+    new = outputs[list(outputs)[1]].stability
+    print(
+        "stability, previous vs one pass: " + ", ".join(f"{k} {stability[k]:.3f} / {new[k]:.3f}" for k in sorted(new))
+    )
+
+
 def memory_section(args, model, params, config) -> None:
     """Peak memory of the step and of the init (compiled memory analysis) as the model grows."""
     models = [(args.model, model, abstract(params))]
@@ -796,7 +864,7 @@ def tunix_name(path: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare, nnx"
+        "--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare, nnx, stage"
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="asdiv")
@@ -821,9 +889,9 @@ def main(argv=None):
     limit.add_argument("--max-bytes", type=int, default=256 * MiB, help="streamed init: gradient bytes per pass")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"limit", "memory", "compare", "nnx"}
+    unknown = sections - {"limit", "memory", "compare", "nnx", "stage"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare, nnx")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare, nnx, stage")
 
     meter = Meter()
     with meter.phase("load model"):
@@ -837,6 +905,8 @@ def main(argv=None):
         compare_section(args, meter, model, params, tok, config)
     if "nnx" in sections:
         nnx_section(args, model, params, tok, config)
+    if "stage" in sections:
+        stage_section(args, model, params, tok, config)
 
 
 def compare_section(args, meter, model, params, tok, config) -> None:

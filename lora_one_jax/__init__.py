@@ -24,8 +24,10 @@ from lora_one_jax.diagnostics import (
     gradient_stability,
     gradient_subspaces,
     subspace_angles,
+    subspace_shifts,
 )
 from lora_one_jax.gradient import estimate_gradient, lower_gradient_step
+from lora_one_jax.gradient_stage import GRADIENT_INITS, GradientFactors, gradient_factors
 from lora_one_jax.head import with_loss_positions
 from lora_one_jax.losses import (
     causal_lm_loss,
@@ -71,6 +73,9 @@ __all__ = [
     "Method",
     # LoRA-One: gradient, spectral init, preconditioner
     "estimate_gradient",
+    "GRADIENT_INITS",
+    "GradientFactors",
+    "gradient_factors",
     "gradient_passes",
     "lower_gradient_step",
     "lora_ga_init",
@@ -93,6 +98,7 @@ __all__ = [
     "best_rank",
     "principal_angles",
     "subspace_angles",
+    "subspace_shifts",
     "top_svd",
     # losses
     "causal_lm_loss",

@@ -259,5 +259,25 @@ def gradient_stability(
         )
     s1 = gradient_subspaces(grads_1, config, svd=svd, key=key)
     s2 = gradient_subspaces(grads_2, config, svd=svd, key=key)
-    angles = {p: {side: principal_angles(s1[p][side], s2[p][side]) for side in ("left", "right")} for p in s1}
-    return summarize_angles(angles, prefix)
+    return summarize_angles(subspace_shifts(s1, s2), prefix)
+
+
+def subspace_shifts(
+    subspaces_1: Mapping[str, Mapping[str, np.ndarray]], subspaces_2: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per module, the principal angles (degrees, ascending) between the ``"left"`` and between the ``"right"``
+    subspaces of two ``gradient_subspaces`` results: what ``gradient_stability`` summarises.
+
+    Example:
+        >>> cfg = lj.LoraConfig(rank=1)
+        >>> s1 = gradient_subspaces({"fc": jnp.diag(jnp.array([3.0, 1.0]))}, cfg)
+        >>> s2 = gradient_subspaces({"fc": jnp.diag(jnp.array([1.0, 3.0]))}, cfg)
+        >>> {k: v.round(3).tolist() for k, v in subspace_shifts(s1, s2)["fc"].items()}
+        {'left': [90.0], 'right': [90.0]}
+    """
+    if set(subspaces_1) != set(subspaces_2):
+        raise ValueError(
+            f"the two sets of subspaces cover different modules: {sorted(set(subspaces_1) ^ set(subspaces_2))[:10]}"
+        )
+    one, two = subspaces_1, subspaces_2
+    return {p: {side: principal_angles(one[p][side], two[p][side]) for side in ("left", "right")} for p in one}

@@ -74,8 +74,17 @@ def with_loss_positions(batch, *, multiple: int = 8, size: int | None = None):
     return {**batch, "loss_positions": positions}
 
 
-def _supervised(batch):
-    """(hidden-state index, label, weight) at every listed position; all positions without ``loss_positions``."""
+def supervised_positions(batch):
+    """``(hidden-state index, label, weight, consistent)`` at every position ``loss_positions`` lists (all
+    positions without them): the final hidden state that predicts each listed token, the token, its
+    ``loss_mask`` weight (0 for padding), and whether the list holds every scored token exactly once.
+
+    Example:
+        >>> b = with_loss_positions({"input_ids": jnp.array([[5, 6, 7]]), "loss_mask": jnp.array([[0, 1, 1.0]])})
+        >>> index, tokens, weight, ok = supervised_positions(b)
+        >>> index[0, :3].tolist(), tokens[0, :2].tolist(), weight[0, :3].tolist(), bool(ok)
+        ([0, 1, 0], [6, 7], [1.0, 1.0, 0.0], True)
+    """
     seq2seq = _is_seq2seq(batch)
     labels = batch["labels"] if seq2seq else batch["input_ids"]
     mask = batch["loss_mask"]
@@ -150,6 +159,55 @@ def chunked_logprobs(
     return (picked - top - jnp.log(total)).reshape(shape)
 
 
+def _intercepted(forward: Callable[[], object], source: jax.Array, length: int, head: str, apply: Callable):
+    """``forward()`` with the output head (the module named ``head``, or a tied embedding's ``attend``) given the
+    final hidden states gathered at ``source`` (batch, K): ``apply(next_fun, picked, args, kwargs, context)``
+    computes the head's output. Raises unless the head is called exactly once on (batch, length, d)."""
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        is_head = context.method_name == "__call__" and context.module.name == head
+        if not (is_head or context.method_name == "attend"):
+            return next_fun(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.ndim != 3 or x.shape[:2] != (source.shape[0], length):
+            raise ValueError(
+                f"the output head {context.module.name!r} got hidden states of shape {x.shape}, not (batch, length, "
+                f"d) = {(source.shape[0], length, '...')}; use the full-logits loss for this model"
+            )
+        calls.append(context.module.name)
+        picked = jnp.take_along_axis(x, source[..., None], axis=1)  # (batch, K, d)
+        return apply(next_fun, picked, args, kwargs, context)
+
+    with nn.intercept_methods(interceptor):
+        out = forward()
+    if len(calls) != 1:
+        raise ValueError(
+            f"the model called its output head {head!r} {len(calls)} times (expected once); name its head "
+            "module with head=..., or use the full-logits loss (no loss_positions, vocab_chunk=None)"
+        )
+    return out
+
+
+def logits_at(forward: Callable[[], object], index: jax.Array, *, length: int, head: str = HEAD) -> jax.Array:
+    """The logits of ``forward()`` (a model's forward on ``length`` positions) at the final hidden states
+    ``index`` (batch, K) only: ``(batch, K, vocab)``, the output head never applied elsewhere (no
+    ``batch x length x vocab`` buffer). Anything the model does to the head's output (soft-capping) is kept.
+
+    Example:
+        >>> from lora_one_jax.models import load_model
+        >>> model, params, _ = load_model("toy-llama")
+        >>> ids = jnp.array([[5, 6, 7, 8]])
+        >>> z = logits_at(lambda: model(ids, params=params), jnp.array([[3, 1]]), length=4)
+        >>> bool(jnp.allclose(z, model(ids, params=params).logits[:, jnp.array([3, 1])], atol=1e-5)), z.shape[:2]
+        (True, (1, 2))
+    """
+    out = _intercepted(
+        forward, index, length, head, lambda next_fun, picked, args, kwargs, _: next_fun(picked, *args[1:], **kwargs)
+    )
+    return out.logits if hasattr(out, "logits") else out
+
+
 def head_logprobs(
     forward: Callable[[], object], batch, *, head: str = HEAD, vocab_chunk: int | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -171,44 +229,27 @@ def head_logprobs(
         >>> bool(jnp.isclose(lp[0, 0], full, atol=1e-5)), w[0, :2].tolist(), bool(ok)
         (True, [1.0, 0.0], True)
     """
-    source, tokens, weight, consistent = _supervised(batch)
-    state = {"calls": 0, "out": None}
+    source, tokens, weight, consistent = supervised_positions(batch)
+    length = batch["loss_mask"].shape[1]
+    if vocab_chunk is None:
+        logits = logits_at(forward, source, length=length, head=head)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], weight, consistent
+    chunked = []
 
-    def interceptor(next_fun, args, kwargs, context):
-        is_head = context.method_name == "__call__" and context.module.name == head
-        if not (is_head or context.method_name == "attend"):
-            return next_fun(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.ndim != 3 or x.shape[:2] != (source.shape[0], batch["loss_mask"].shape[1]):
-            raise ValueError(
-                f"the output head {context.module.name!r} got hidden states of shape {x.shape}, not (batch, length, "
-                f"d) = {(source.shape[0], batch['loss_mask'].shape[1], '...')}; use the full-logits loss for this model"
-            )
-        state["calls"] += 1
-        picked = jnp.take_along_axis(x, source[..., None], axis=1)  # (batch, K, d)
-        if vocab_chunk is None:
-            return next_fun(picked, *args[1:], **kwargs)
+    def apply(next_fun, picked, args, kwargs, context):
         kernel, bias, dtype = _head_weights(context.module, context.method_name)
-        state["out"] = chunked_logprobs(picked, kernel, tokens, vocab_chunk, bias=bias, dtype=dtype)[..., None]
-        return state["out"]
+        chunked.append(chunked_logprobs(picked, kernel, tokens, vocab_chunk, bias=bias, dtype=dtype)[..., None])
+        return chunked[0]
 
-    with nn.intercept_methods(interceptor):
-        out = forward()
-    if state["calls"] != 1:
-        raise ValueError(
-            f"the model called its output head {head!r} {state['calls']} times (expected once); name its head "
-            "module with head=..., or use the full-logits loss (no loss_positions, vocab_chunk=None)"
-        )
+    out = _intercepted(forward, source, length, head, apply)
     logits = out.logits if hasattr(out, "logits") else out
-    if vocab_chunk is not None:
-        if logits is not state["out"]:
-            raise ValueError(
-                "the model transforms its head's output (e.g. soft-capping or scaling), so vocab_chunk cannot "
-                "compute its log-probabilities; use vocab_chunk=None"
-            )
-        return logits[..., 0], weight, consistent
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], weight, consistent
+    if logits is not chunked[0]:
+        raise ValueError(
+            "the model transforms its head's output (e.g. soft-capping or scaling), so vocab_chunk cannot "
+            "compute its log-probabilities; use vocab_chunk=None"
+        )
+    return logits[..., 0], weight, consistent
 
 
 def supervised_loss(logprobs: jax.Array, weight: jax.Array, consistent: jax.Array, batch) -> jax.Array:

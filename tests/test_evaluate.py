@@ -306,3 +306,57 @@ def test_one_helper_for_the_model_kind_and_the_mean_nll(toy):
     assert lj.mean_nll(nll, count) == 10.75 / 7 and lj.mean_nll(nll[1:2], count[1:2]) == 0.0
     traced = jax.jit(lj.mean_nll)(jnp.asarray(nll, jnp.float32), jnp.asarray(count))
     np.testing.assert_allclose(float(traced), 10.75 / 7, rtol=1e-6)
+
+
+def _random_adapters(params, config, seed=1):
+    _, adapters = init_adapters(params, config, key=jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed + 1), len(adapters))
+    return {
+        k: {"a": v["a"], "b": 0.5 * jax.random.normal(kk, v["b"].shape)} for kk, (k, v) in zip(keys, adapters.items())
+    }
+
+
+@pytest.mark.parametrize("kind", ["single-token", "multi-token", "number"])
+def test_scores_with_logits_at_the_scored_positions_equal_the_full_logits(toy, kind):
+    """The evaluator applies the head only where it scores (the answer tokens; for one-token choices also the
+    prompt's last position): the same choice scores and answer NLLs as every position's logits, with adapters."""
+    from lora_one_jax.eval import Evaluator
+
+    model, params, tok = toy
+    adapters = _random_adapters(params, CFG)
+    answers = [" 12", " 7", " 345", " 0"]
+    choices = {"single-token": [["1", "2", "3"]] * 4, "multi-token": [[" yes", " no way"], [" a", " bcd"]] * 2}
+    lean, full = (Evaluator(model, tok, CFG, batch_size=3, full_logits=f) for f in (False, True))
+    for ev in (lean, full):  # the programs are jitted: the batch structure decides the path
+        assert ev._scored_only(adapters) is not ev.full_logits
+    if kind == "number":
+        got, want = (ev.answer_nll(params, adapters, PROMPTS, answers, progress=False) for ev in (lean, full))
+    else:
+        golds = [c[i % len(c)] for i, c in enumerate(choices[kind])]
+        got, want = (
+            ev.score_choices(params, adapters, PROMPTS, choices[kind], answers=golds, progress=False)
+            for ev in (lean, full)
+        )
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        got, want = got[1:], want[1:]
+    np.testing.assert_array_equal(got[1], want[1])  # token counts
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert np.all(got[0] > 0)
+
+
+def test_the_evaluators_programs_hold_no_full_logits(toy):
+    """The compiled scoring program of the scored-positions path has no batch x length x vocab array; the full
+    path has one (so the check can fail)."""
+    from lora_one_jax.eval import Evaluator
+
+    model, params, tok = toy
+    vocab = params["lm_head"]["kernel"].shape[1]
+    texts = {}
+    for full in (False, True):
+        ev = Evaluator(model, tok, batch_size=2, full_logits=full)
+        rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "prompt_len": 4}] * 2
+        batch = ev._pad(rows, None)
+        texts[full] = (ev._program("sequence", False).lower(params, None, batch).as_text(), batch["input_ids"].shape)
+    (lean, shape), (whole, _) = texts[False], texts[True]
+    buffer = f"{shape[0]}x{shape[1]}x{vocab}x"
+    assert buffer in whole and buffer not in lean

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lora_one_jax as lj
-from lora_one_jax import spectral
+from lora_one_jax import gradient_stage, spectral
 from lora_one_jax.data import pad_batch
 from lora_one_jax.models import load_model
 from lora_one_jax.sharding import make_mesh, shard_params
@@ -124,3 +124,86 @@ def test_modules_must_be_targets(toy):
         lj.estimate_gradient(lj.full_loss_fn(model), params, micro, CONFIG, modules=["lm_head"], progress=False)
     with pytest.raises(TypeError, match="list of module paths"):
         lj.estimate_gradient(lj.full_loss_fn(model), params, micro, CONFIG, modules="q_proj", progress=False)
+
+
+# ----------------------------------------------------------------------------- gradient_factors: the trainer's stage
+
+
+def recorded_gradients(monkeypatch):
+    """The modules and micro-batch count of every estimate_gradient call gradient_factors makes."""
+    calls = []
+    real = gradient_stage.estimate_gradient
+
+    def record(loss_fn, params, batches, **kwargs):
+        calls.append((list(kwargs["modules"]), len(batches)))
+        return real(loss_fn, params, batches, **kwargs)
+
+    monkeypatch.setattr(gradient_stage, "estimate_gradient", record)
+    return calls
+
+
+def assert_same_subspaces(got, want, tol_degrees):
+    assert list(got) == list(want)
+    for path in want:
+        for side in ("left", "right"):
+            angles = lj.principal_angles(got[path][side], want[path][side])
+            assert angles.max() < tol_degrees, (path, side, angles)
+
+
+def test_factors_from_halves_equal_the_one_pass_stage(toy, one_pass, monkeypatch):
+    """With the stability, G is the weighted mean of the halves' gradients (3 micro-batches: 1 + 1 + the odd one
+    out): one pass over the data instead of three, and the same inits, subspaces and stability."""
+    model, params, micro = toy
+    grads, _ = one_pass
+    loss = lj.full_loss_fn(model)
+    calls = recorded_gradients(monkeypatch)
+    out = lj.gradient_factors(
+        loss,
+        params,
+        micro,
+        CONFIG,
+        inits=("lora-one", "lora-ga"),
+        subspaces=True,
+        stability=True,
+        svd="exact",
+        kernels_per_pass=100,
+        progress=False,
+    )
+    assert len(out.passes) == 1 and sorted(out.passes[0]) == sorted(grads)
+    assert [n for _, n in calls] == [1, 1, 1]  # the two halves and the odd one out, each micro-batch once
+    key = jax.random.key(0)
+    assert_same_adapters(out.unit["lora-one"], lj.unit_spectral_init(grads, CONFIG, svd="exact", key=key), 1e-4)
+    assert_same_adapters(out.unit["lora-ga"], lj.lora_ga_init(grads, CONFIG, gamma=1.0, svd="exact"), 1e-4)
+    assert out.unit["lora-one"][sorted(grads)[0]]["a"].dtype == np.float32
+    assert_same_subspaces(out.subspaces, lj.gradient_subspaces(grads, CONFIG, svd="exact"), 1e-2)
+    halves = [lj.estimate_gradient(loss, params, [m], CONFIG, progress=False) for m in micro[:2]]
+    want = lj.gradient_stability(*halves, CONFIG, svd="exact")
+    assert sorted(out.stability) == sorted(want)
+    np.testing.assert_allclose([out.stability[k] for k in want], list(want.values()), atol=1e-2)
+
+
+@pytest.mark.parametrize("stream", [{"kernels_per_pass": 1}, {"max_bytes": 2 * 64 * 128 * 4}])
+def test_streamed_factors_equal_one_pass(toy, monkeypatch, stream):
+    model, params, micro = toy
+    loss = lj.full_loss_fn(model)
+    options = dict(inits=("lora-one", "lora-ga"), subspaces=True, stability=True, svd="exact", progress=False)
+    whole = lj.gradient_factors(loss, params, micro, CONFIG, kernels_per_pass=100, **options)
+    calls = recorded_gradients(monkeypatch)
+    got = lj.gradient_factors(loss, params, micro, CONFIG, **stream, **options)
+    # max_bytes with the stability: a group's running mean and one half's gradients: one MLP kernel per pass
+    assert [len(p) for p in got.passes] == ([1] * 8 if "kernels_per_pass" in stream else [2, 2, 1, 1, 1, 1])
+    assert len(calls) == 3 * len(got.passes) and all(modules in got.passes for modules, _ in calls)
+    for init in whole.unit:
+        assert_same_adapters(got.unit[init], whole.unit[init], 1e-4)
+    assert_same_subspaces(got.subspaces, whole.subspaces, 1e-2)
+    np.testing.assert_allclose([got.stability[k] for k in whole.stability], list(whole.stability.values()), atol=1e-2)
+
+
+def test_factors_refuse_what_cannot_be_built(toy):
+    model, params, micro = toy
+    loss = lj.full_loss_fn(model)
+    with pytest.raises(ValueError, match=r"inits \['pissa'\] do not start from the gradient"):
+        lj.gradient_factors(loss, params, micro, CONFIG, inits=("pissa",), progress=False)
+    big = lj.LoraConfig(rank=20, targets=["v_proj"])  # v_proj is 64 x 32: no room for LoRA-GA's 2 x 20 triplets
+    with pytest.raises(ValueError, match=r"too small for 2 \* rank = 40"):
+        lj.gradient_factors(loss, params, micro, big, inits=("lora-ga",), progress=False)

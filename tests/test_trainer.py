@@ -1,5 +1,6 @@
 """The trainer (train/): configs, every method end to end on a tiny model, resume after SIGKILL, errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -302,3 +303,76 @@ def test_logits_only_where_the_loss_is_and_remat_train_like_the_full_logits(tmp_
         history = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"]
         losses[cfg["name"]] = [r["loss"] for r in history if "loss" in r]
     np.testing.assert_allclose(losses["lean"], losses["full"], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the streamed gradient stage
+
+
+@pytest.mark.parametrize("stream", [{"init.kernels_per_pass": 1}, {"init.max_bytes": 2 * 64 * 128 * 4}])
+def test_streamed_gradient_stage_gives_the_one_pass_inits_and_diagnostics(tmp_path, monkeypatch, stream):
+    """init.kernels_per_pass / init.max_bytes: one group of kernels per pass; the initial adapters (LoRA-One at a
+    fixed gamma and at gamma: auto, LoRA-GA and its residual base), the diagnostics and the first losses are
+    the one-pass run's."""
+    from lora_one_jax import gradient_stage
+    from lora_one_train.method import initial_adapters
+    from lora_one_train.run import estimate_gradient, load
+
+    held = []
+    real = gradient_stage.estimate_gradient
+    monkeypatch.setattr(gradient_stage, "estimate_gradient", lambda *a, **k: held.append(k["modules"]) or real(*a, **k))
+    over = {
+        "methods": ["lora-one", "lora-ga"],
+        "init.svd": "exact",
+        "train.steps": 2,
+        "eval.every": 0,
+        "eval.diagnostics": True,
+        "checkpoint.every": 0,
+        "export": {},
+    }
+    cfgs = {
+        name: RunConfig.from_dict(tiny_config(tmp_path, name=name, **over, **extra))
+        for name, extra in (("one", {}), ("streamed", stream))
+    }
+    stages, starts, runs = {}, {}, {}
+    for name, cfg in cfgs.items():
+        held.clear()
+        ctx = load(cfg, progress=False)
+        stages[name] = estimate_gradient(ctx)
+        auto = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, init=dataclasses.replace(cfg.init, gamma="auto")))
+        starts[name] = {
+            "lora-one": initial_adapters(ctx, "lora-one", stages[name]),
+            "lora-ga": initial_adapters(ctx, "lora-ga", stages[name]),
+            "auto": initial_adapters(auto, "lora-one", stages[name]),
+        }
+        # what one pass holds: every targeted kernel's gradients (3 estimates: two halves and the whole)
+        most = max(map(len, held))
+        assert most == (6 if name == "one" else 1 if "init.kernels_per_pass" in stream else 2), held
+        runs[name] = run(cfg, progress=False)["methods"]
+    assert stages["one"].passes == 1 and stages["streamed"].passes == (6 if "init.kernels_per_pass" in stream else 4)
+    for kind, (base, adapters, chosen) in starts["one"].items():
+        got_base, got, got_chosen = starts["streamed"][kind]
+        assert got_chosen.get("init/gamma") == chosen.get("init/gamma")
+        for path in adapters:
+            want = np.asarray(adapters[path]["a"] @ adapters[path]["b"])
+            have = np.asarray(got[path]["a"] @ got[path]["b"])
+            np.testing.assert_allclose(have, want, atol=1e-5 * np.abs(want).max(), err_msg=f"{kind} {path}")
+        for x, y in zip(jax.tree.leaves(got_base), jax.tree.leaves(base)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    for method in over["methods"]:
+        first, streamed = runs["one"][method]["history"], runs["streamed"][method]["history"]
+        losses = [[r["loss"] for r in history if "loss" in r] for history in (streamed, first)]
+        np.testing.assert_allclose(*losses, rtol=1e-5)
+        step0, step0_streamed = first[0], streamed[0]
+        keys = [k for k in step0 if k.startswith(("align/", "grad_stability/"))]
+        assert any(k.startswith("grad_stability/") for k in keys) and any(k.startswith("align/") for k in keys)
+        np.testing.assert_allclose([step0_streamed[k] for k in keys], [step0[k] for k in keys], atol=1e-2)
+
+
+def test_streaming_keys_are_checked():
+    assert RunConfig.from_dict({"init": {"kernels_per_pass": 3}}).init.kernels_per_pass == 3
+    with pytest.raises(ConfigError, match="init.kernels_per_pass must be a positive integer, got 0"):
+        RunConfig.from_dict({"init": {"kernels_per_pass": 0}})
+    with pytest.raises(ConfigError, match="init.max_bytes must be a positive integer, got '1GB'"):
+        RunConfig.from_dict({"init": {"max_bytes": "1GB"}})
+    with pytest.raises(ConfigError, match="give init.kernels_per_pass or init.max_bytes, not both"):
+        RunConfig.from_dict({"init": {"kernels_per_pass": 3, "max_bytes": 1 << 30}})

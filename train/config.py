@@ -195,6 +195,13 @@ class InitConfig:
     in micro-batches of ``grad_batch_size`` (the official recipe: 8 of 1); ``gamma`` is LoRA-One's
     (128, or ``auto``: chosen by LoRA-One's own step on held-out batches) and ``lora_ga_gamma`` LoRA-GA's
     stable gamma (16).
+
+    ``kernels_per_pass`` / ``max_bytes`` (give at most one; None: one pass): the gradient stage streams, one
+    group of targeted kernels per pass over the gradient examples, holding at most that many kernels'
+    float32 gradients (or that many bytes of them, per device) at once instead of every kernel's (Llama-2-7B,
+    all linear layers: 26 GB); each extra pass costs a forward/backward over the gradient examples. The inits
+    and diagnostics are the one-pass ones (``lora_one_jax.gradient_factors``; with ``svd: randomized`` a group
+    split across passes gets sketches of its own).
     """
 
     grad_examples: int = 8
@@ -203,6 +210,8 @@ class InitConfig:
     gamma: float | str = 128.0
     lora_ga_gamma: float = 16.0
     svd: str = "auto"
+    kernels_per_pass: int | None = None
+    max_bytes: int | None = None
 
     def __post_init__(self):
         _positive_int(self.grad_examples, "init.grad_examples")
@@ -213,6 +222,14 @@ class InitConfig:
         _number(self.lora_ga_gamma, "init.lora_ga_gamma", 0, low_open=True)
         if self.svd not in ("auto", "exact", "randomized"):
             raise ConfigError(f"init.svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
+        for name in ("kernels_per_pass", "max_bytes"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), f"init.{name}")
+        if self.kernels_per_pass is not None and self.max_bytes is not None:
+            raise ConfigError(
+                "give init.kernels_per_pass or init.max_bytes, not both (set the other to null): "
+                "both bound the gradients one pass holds"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,13 +62,17 @@ class RunContext:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Gradient:
-    """The run's gradient stage: the full fine-tuning gradient ``grads`` (None when no method needs it), the
-    top-r subspaces of each ``G`` the diagnostics measure adapters against (None when off), their stability
-    between two disjoint halves of the gradient examples (logged once, at step 0)."""
+    """The run's gradient stage (``lora_one_jax.gradient_factors``), without the gradient itself: ``unit`` maps
+    each gradient init of the run (``"lora-one"``, ``"lora-ga"``) to its adapters at gamma 1 (float32;
+    ``rescale(unit, gamma, dtype)`` gives any gamma), ``subspaces`` the top-r subspaces of each ``G`` the
+    diagnostics measure adapters against (None when off), ``stability`` their stability between two disjoint
+    halves of the gradient examples (logged once, at step 0), ``passes`` the passes over the gradient examples
+    it took (0: no gradient stage)."""
 
-    grads: dict | None = None
+    unit: dict = dataclasses.field(default_factory=dict)
     subspaces: dict | None = None
     stability: dict = dataclasses.field(default_factory=dict)
+    passes: int = 0
 
 
 class Keys(NamedTuple):

@@ -75,13 +75,20 @@ def train_method(ctx: RunContext, method: str, gradient: Gradient) -> dict:
 
 
 def initial_adapters(ctx: RunContext, method: str, gradient: Gradient):
-    """``(frozen base, adapters, what the init chose)`` at step 0 for ``method``."""
+    """``(frozen base, adapters, what the init chose)`` at step 0 for ``method``: the gradient inits from the
+    gradient stage's factors at gamma 1 (rescaled; LoRA-GA's subtracted from the base), the others from
+    ``lj.init_adapters``."""
     init, cfg = lj.METHODS[method].init, ctx.cfg
     if init == "lora-one" and cfg.init.gamma == "auto":
         return auto_gamma_adapters(ctx, gradient)
-    options = {"svd": cfg.init.svd} if init != "lora" else {}
     if lj.METHODS[method].needs_gradient:
-        options.update(grads=gradient.grads, gamma=cfg.init.gamma if init == "lora-one" else cfg.init.lora_ga_gamma)
+        gamma = cfg.init.gamma if init == "lora-one" else cfg.init.lora_ga_gamma
+        with ctx.phases("init (SVD)"):
+            adapters = jax.block_until_ready(lj.rescale(gradient.unit[init], gamma, cfg.lora.dtype))
+            if lj.METHODS[method].residual_base:
+                return lj.unmerge(ctx.params, adapters, cfg.lora, targets=ctx.targets), adapters, {}
+            return ctx.params, adapters, {}
+    options = {"svd": cfg.init.svd} if init != "lora" else {}
     with ctx.phases("init" if init == "lora" else "init (SVD)"):
         base, adapters = lj.init_adapters(
             ctx.params, cfg.lora, key=Keys.of(cfg.seed).init, method=init, targets=ctx.targets, **options
@@ -90,11 +97,10 @@ def initial_adapters(ctx: RunContext, method: str, gradient: Gradient):
 
 
 def auto_gamma_adapters(ctx: RunContext, gradient: Gradient):
-    """LoRA-One with ``init.gamma: auto``: the SVD once, every candidate gamma scored by the loss on the
-    training examples after the gradient examples (forward passes only), the best used."""
-    cfg, key = ctx.cfg, Keys.of(ctx.cfg.seed).init
-    with ctx.phases("init (SVD)"):
-        unit = lj.unit_spectral_init(gradient.grads, cfg.lora, svd=cfg.init.svd, key=key)
+    """LoRA-One with ``init.gamma: auto``: the SVD once (the gradient stage's factors at gamma 1), every
+    candidate gamma scored by the loss on the training examples after the gradient examples (forward passes
+    only), the best used."""
+    cfg, unit = ctx.cfg, gradient.unit["lora-one"]
     with ctx.phases("init (gamma: auto)"):
         started = time.perf_counter()
         key = ("gamma loss", cfg.lora)  # one scoring program per run (and per sweep): the loss is cached

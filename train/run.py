@@ -29,7 +29,7 @@ from lora_one_jax.models import load_model
 from lora_one_jax.sharding import LLAMA_RULES, make_mesh, shard_params
 from lora_one_train import errors
 from lora_one_train.config import ConfigError, RunConfig, config_differences, resumable
-from lora_one_train.context import Gradient, Phases, RunContext
+from lora_one_train.context import Gradient, Keys, Phases, RunContext
 from lora_one_train.exports import is_main_process
 from lora_one_train.lock import RunLock
 from lora_one_train.method import train_method
@@ -165,42 +165,48 @@ def load(cfg: RunConfig, *, progress: bool) -> RunContext:
     )
 
 
-def full_gradient(ctx: RunContext, batches: list[dict]) -> dict:
-    """The full fine-tuning gradient of the targeted kernels, averaged over ``batches``."""
-    grads = lj.estimate_gradient(
-        lj.full_loss_fn(ctx.model),
-        ctx.params,
-        batches,
-        ctx.cfg.lora,
-        micro_batches_per_step=ctx.cfg.init.micro_batches_per_step,
-        progress=ctx.progress,
-        targets=ctx.targets,
-    )
-    return jax.block_until_ready(grads)
+def gradient_inits(methods) -> list[str]:
+    """The inits of ``methods`` (names of ``lj.METHODS``) that start from the gradient, sorted."""
+    return sorted({lj.METHODS[m].init for m in methods if lj.METHODS[m].needs_gradient})
 
 
-def estimate_gradient(ctx: RunContext) -> Gradient:
+def estimate_gradient(ctx: RunContext, inits=()) -> Gradient:
     """The gradient stage: the full fine-tuning gradient on the first ``init.grad_examples`` training examples
-    (``init.grad_batch_size`` per micro-batch; the held-out split never contains them), once per run, when a
-    method starts from it or the diagnostics measure against it; with the diagnostics, its top-r subspaces
-    and their stability between the two halves of the gradient examples."""
+    (``init.grad_batch_size`` per micro-batch; the held-out split never contains them), once per run, reduced
+    to what its users need (``lj.gradient_factors``): the SVD factors of the gradient inits of the fresh
+    methods (and of ``inits``: a sweep's other methods), and with the diagnostics G's top-r subspaces and
+    their stability between the two halves of the gradient examples. ``init.kernels_per_pass`` /
+    ``init.max_bytes`` stream it, one group of kernels per pass; by default one pass."""
     cfg = ctx.cfg
     fresh = [m for m in cfg.methods if m not in checkpointed(cfg)]
     diagnostics = cfg.eval.diagnostics and any(lj.METHODS[m].init is not None for m in cfg.methods)
-    if not diagnostics and not any(lj.METHODS[m].needs_gradient for m in fresh):
+    needed = gradient_inits(fresh)
+    if not diagnostics and not needed:
         return Gradient()
     batches = example_batches(ctx, 0, cfg.init.grad_examples, cfg.init.grad_batch_size)
-    with ctx.phases("gradient estimate"):
-        grads = full_gradient(ctx, batches)
-    subspaces, stability = None, {}
-    if diagnostics:
-        with ctx.phases("diagnostics"):
-            subspaces = lj.gradient_subspaces(grads, cfg.lora, svd=cfg.init.svd)
-            half = len(batches) // 2
-            if half:
-                halves = full_gradient(ctx, batches[:half]), full_gradient(ctx, batches[half : 2 * half])
-                stability = lj.gradient_stability(*halves, cfg.lora, svd=cfg.init.svd)
-    return Gradient(grads=grads, subspaces=subspaces, stability=stability)
+    one_pass = cfg.init.kernels_per_pass is None and cfg.init.max_bytes is None
+    with ctx.phases("gradient + SVD"):
+        factors = lj.gradient_factors(
+            lj.full_loss_fn(ctx.model),
+            ctx.params,
+            batches,
+            cfg.lora,
+            inits=sorted(set(needed) | set(inits)),
+            subspaces=diagnostics,
+            stability=diagnostics,
+            svd=cfg.init.svd,
+            key=Keys.of(cfg.seed).init,
+            kernels_per_pass=len(ctx.targets) if one_pass else cfg.init.kernels_per_pass,
+            max_bytes=cfg.init.max_bytes,
+            micro_batches_per_step=cfg.init.micro_batches_per_step,
+            progress=ctx.progress,
+            targets=ctx.targets,
+        )
+    if len(factors.passes) > 1:
+        print(f"gradient stage: {len(factors.passes)} passes of at most {max(map(len, factors.passes))} kernels")
+    return Gradient(
+        unit=factors.unit, subspaces=factors.subspaces, stability=factors.stability, passes=len(factors.passes)
+    )
 
 
 def write_summary(ctx: RunContext, results: dict) -> None:

@@ -32,7 +32,7 @@ from lora_one_train.context import RunContext
 from lora_one_train.exports import is_main_process
 from lora_one_train.lock import RunLock
 from lora_one_train.method import GAMMA_EXAMPLES, train_method
-from lora_one_train.run import estimate_gradient, load, load_run_task, prepare_output
+from lora_one_train.run import estimate_gradient, gradient_inits, load, load_run_task, prepare_output
 from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
 from lora_one_train.sweep_report import write_report
 
@@ -110,10 +110,26 @@ class Sweep:
         return ctx
 
     def gradient(self, ctx: RunContext):
-        init = ctx.cfg.init  # what the gradient stage reads (not gamma: one gradient serves every step size)
-        key = (ctx.cfg.seed, init.grad_examples, init.grad_batch_size, init.micro_batches_per_step, init.svd)
+        """The gradient stage of a run, shared by every run with the same seed and gradient settings (not gamma:
+        one stage serves every step size), holding the factors of every gradient init of the sweep."""
+        cfg, init = ctx.cfg, ctx.cfg.init
+        key = (
+            cfg.seed,
+            cfg.lora,
+            cfg.eval.diagnostics,
+            init.grad_examples,
+            init.grad_batch_size,
+            init.micro_batches_per_step,
+            init.svd,
+            init.kernels_per_pass,
+            init.max_bytes,
+        )
         if key not in self.gradients:
-            self.gradients[key] = estimate_gradient(ctx)
+            inits = gradient_inits(split_label(label)[0] for label in self.cfg.methods)
+            gradient = estimate_gradient(ctx, inits=inits)
+            if not gradient.passes:  # nothing needed it (a resumed run): computed by the next run that does
+                return gradient
+            self.gradients[key] = gradient
         return self.gradients[key]
 
     def train(self, run: Run) -> dict:

@@ -40,6 +40,7 @@ import numpy as np
 
 from lora_one_jax.config import LoraConfig, Target
 from lora_one_jax.data.batching import bucket_lengths, pad_batch, pad_id_of, pad_seq2seq_batch, truncate
+from lora_one_jax.head import HEAD, head_logprobs, logits_at, supervised_positions, with_loss_positions
 from lora_one_jax.losses import (
     decoder_start_id,
     is_encoder_decoder,
@@ -122,11 +123,17 @@ def _empty_cache(model, params, batch: int, size: int):
 
 def _sequence_scores(forward, model):
     """Per row: the summed log-probability of the ``loss_mask`` tokens and their count (causal LM or, for a
-    ``pad_seq2seq_batch`` batch, encoder-decoder)."""
+    ``pad_seq2seq_batch`` batch, encoder-decoder). A batch with ``loss_positions`` gets its logits there only
+    (``head_logprobs``); NaN if they miss a scored token."""
 
     def run(params, adapters, batch):
-        out = forward(params, adapters, batch["input_ids"], **model_inputs(batch))
-        return sequence_scores(out.logits, batch), batch["loss_mask"].sum(-1)
+        call = lambda: forward(params, adapters, batch["input_ids"], **model_inputs(batch))
+        if "loss_positions" in batch:
+            logprobs, weight, consistent = head_logprobs(call, batch)
+            scores = jnp.where(consistent, jnp.sum(logprobs * weight, axis=-1), jnp.nan)
+        else:
+            scores = sequence_scores(call().logits, batch)
+        return scores, batch["loss_mask"].sum(-1)
 
     return run
 
@@ -134,14 +141,25 @@ def _sequence_scores(forward, model):
 def _next_token_scores(forward, model):
     """Log-probabilities of single-token candidates after position ``score_at`` of each row, and (for rows that
     continue with the gold answer) the summed log-probability of the ``loss_mask`` tokens: one forward pass
-    gives the choice scores and the held-out answer loss."""
+    gives the choice scores and the held-out answer loss. A batch with ``loss_positions`` gets its logits at
+    ``score_at`` and those positions only (``logits_at``)."""
 
     def run(params, adapters, batch, candidates, score_at):
-        out = forward(params, adapters, batch["input_ids"], **model_inputs(batch))
-        logits = jnp.take_along_axis(out.logits, score_at[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        call = lambda: forward(params, adapters, batch["input_ids"], **model_inputs(batch))
+        if "loss_positions" in batch:
+            source, tokens, weight, consistent = supervised_positions(batch)
+            index = jnp.concatenate([score_at[:, None], source], axis=1)
+            logp = jax.nn.log_softmax(logits_at(call, index, length=batch["input_ids"].shape[1]).astype(jnp.float32))
+            answer = jnp.take_along_axis(logp[:, 1:], tokens[..., None], axis=-1)[..., 0]
+            answer = jnp.where(consistent, jnp.sum(answer * weight, axis=-1), jnp.nan)
+            logp = logp[:, 0]
+        else:
+            logits = call().logits
+            answer = sequence_logprob(logits, batch)
+            at = jnp.take_along_axis(logits, score_at[:, None, None], axis=1)[:, 0]
+            logp = jax.nn.log_softmax(at.astype(jnp.float32), axis=-1)
         scores = jnp.take_along_axis(logp, jnp.maximum(candidates, 0), axis=-1)
-        return scores, sequence_logprob(out.logits, batch), batch["loss_mask"].sum(-1)
+        return scores, answer, batch["loss_mask"].sum(-1)
 
     return run
 
@@ -195,7 +213,10 @@ class Evaluator:
     Keep one ``Evaluator`` for repeated evaluation (the trainer does): each program (sequence scores,
     next-token scores, greedy decoding) is compiled on first use for each bucketed shape and reused
     after; params and adapters are arguments, never constants. ``targets``: ``find_targets(params, config)``
-    when the caller already has it (``with_lora`` resolves it on every trace otherwise). The module-level functions
+    when the caller already has it (``with_lora`` resolves it on every trace otherwise). Scores and answer losses
+    take the output head only at the scored positions (and, for single-token choices, at the prompt's last
+    one): no ``batch x length x vocab`` logits, the same values; ``full_logits=True`` computes every position's
+    (as NNX models, and adapters on the head, always do). The module-level functions
     (``evaluate``, ``score_choices``, ``answer_nll``, ``generate``) make a temporary one.
 
     Example:
@@ -215,6 +236,7 @@ class Evaluator:
         batch_size: int = 16,
         max_len: int = 512,
         targets: dict[str, Target] | None = None,
+        full_logits: bool = False,
     ):
         if tokenizer is None:
             raise ValueError("evaluation needs the model's tokenizer (load_model returns it)")
@@ -223,6 +245,7 @@ class Evaluator:
         self.model, self.tokenizer, self.config, self.targets = model, tokenizer, config, targets
         self.seq2seq = is_encoder_decoder(model)
         self.batch_size, self.max_len = int(batch_size), int(max_len)
+        self.full_logits = bool(full_logits)
         self._programs: dict = {}
 
     def _program(self, kind: str, with_adapters: bool, *static) -> Callable:
@@ -276,7 +299,7 @@ class Evaluator:
             rows = [_row(p + a, len(p), self.max_len) for p, a in zip(prompt_ids, tails)]
         nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
         for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "scoring", progress):
-            batch = self._pad([rows[i] for i in idx])
+            batch = self._pad([rows[i] for i in idx], adapters)
             cand = np.full((self.batch_size, out.shape[1]), -1, np.int32)
             score_at = np.zeros(self.batch_size, np.int32)
             for r, i in enumerate(idx):
@@ -296,16 +319,29 @@ class Evaluator:
         pairs = [(i, j) for i, cs in enumerate(per_example) for j in range(len(cs))]
         rows = [_row(prompt_ids[i] + per_example[i][j], len(prompt_ids[i]), self.max_len) for i, j in pairs]
         for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "scoring", progress):
-            scores = to_numpy(run(params, adapters, self._pad([rows[p] for p in idx]))[0])
+            scores = to_numpy(run(params, adapters, self._pad([rows[p] for p in idx], adapters))[0])
             for r, p in enumerate(idx):
                 out[pairs[p]] = scores[r]
 
-    def _pad(self, rows):
-        """Rows (``input_ids`` = prompt + continuation, ``prompt_len``) as a bucketed batch for this model."""
+    def _scored_only(self, adapters) -> bool:
+        """Whether the scores take logits at the scored positions only: a linen model (NNX models' heads cannot
+        be intercepted: full logits) whose output head has no adapter, unless ``full_logits``."""
+        on_head = adapters is not None and any(p == HEAD or p.endswith("/" + HEAD) for p in adapters)
+        return not (self.full_logits or on_head or is_nnx_module(self.model))
+
+    def _pad(self, rows, adapters):
+        """Rows (``input_ids`` = prompt + continuation, ``prompt_len``) as a bucketed batch for this model, with
+        ``loss_positions`` (a power of two >= 8 of them, at most the length: few shapes) when ``_scored_only``."""
         sizes = dict(pad_id=pad_id_of(self.tokenizer), buckets=bucket_lengths(self.max_len), batch_size=self.batch_size)
         if self.seq2seq:
-            return pad_seq2seq_batch(rows, decoder_start_id=decoder_start_id(self.model), **sizes)
-        return pad_batch(rows, **sizes)
+            batch = pad_seq2seq_batch(rows, decoder_start_id=decoder_start_id(self.model), **sizes)
+        else:
+            batch = pad_batch(rows, **sizes)
+        if not self._scored_only(adapters):
+            return batch
+        mask = np.asarray(batch["loss_mask"])
+        most = int((mask[:, 0 if self.seq2seq else 1 :] != 0).sum(1).max(initial=0))
+        return with_loss_positions(batch, size=min(max(8, 1 << (most - 1).bit_length()), mask.shape[1]))
 
     def _eos(self) -> int:
         tok = self.tokenizer
@@ -320,7 +356,7 @@ class Evaluator:
         run = self._program("sequence", adapters is not None)
         nll, count = np.zeros(len(rows), np.float64), np.zeros(len(rows), np.int64)
         for idx in _longest_first([len(r["input_ids"]) for r in rows], self.batch_size, "answer NLL", progress):
-            lp, n = (to_numpy(x) for x in run(params, adapters, self._pad([rows[p] for p in idx])))
+            lp, n = (to_numpy(x) for x in run(params, adapters, self._pad([rows[p] for p in idx], adapters)))
             nll[idx], count[idx] = -lp[: len(idx)], n[: len(idx)]
         return nll, count
 
