@@ -88,6 +88,8 @@ def test_an_interrupted_run_keeps_every_loss_before_its_checkpoint(tmp_path, mon
 def test_a_refused_rerun_writes_nothing_and_names_each_difference(tmp_path):
     cfg = base_config(tmp_path, **{"train.steps": 2})
     run(RunConfig.from_dict(cfg), progress=False)
+    cfg["init"] = {**cfg.get("init", {}), "kernels_per_pass": 1}  # memory only: a rerun may stream
+    run(RunConfig.from_dict(cfg), progress=False)
     saved = (tmp_path / "runs" / "tiny" / "config.yaml").read_bytes()
     cfg["optim"]["learning_rate"] = 1e-2
     cfg["train"]["batch_size"] = 2

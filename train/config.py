@@ -651,17 +651,27 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
 
 #: The parts of a config that must not change when a run resumes (``methods`` may: each has its own folder).
 RESUMABLE_SECTIONS = ("seed", "model", "task", "lora", "init", "optim", "train")
+#: Keys inside those sections that change the memory a stage holds, never the numbers: free to change on resume.
+MEMORY_ONLY = (("init", "kernels_per_pass"), ("init", "max_bytes"))
 
 
 def resumable(cfg: RunConfig) -> dict:
     """The part of a config a resumed run must share with its checkpoints (``RESUMABLE_SECTIONS``), as plain data.
 
+    Keys that only set how much memory a stage holds (``MEMORY_ONLY``: the streamed gradient stage's
+    ``init.kernels_per_pass`` / ``init.max_bytes``) may change: a run resumed on a smaller device streams.
+
     Example:
         >>> sorted(resumable(RunConfig()))
         ['init', 'lora', 'model', 'optim', 'seed', 'task', 'train']
+        >>> "max_bytes" in resumable(RunConfig())["init"]
+        False
     """
     data = cfg.to_dict()
-    return {k: data[k] for k in RESUMABLE_SECTIONS}
+    out = {k: data[k] for k in RESUMABLE_SECTIONS}
+    for section, key in MEMORY_ONLY:
+        out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
