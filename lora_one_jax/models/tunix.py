@@ -176,23 +176,29 @@ def llama_config_from_hf(hf_config):
         >>> c.head_dim, c.rope_theta
         (16, 100000.0)
     """
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise NotImplementedError(f"rope scaling {scaling} is not implemented by tunix 0.1.7's Llama3")
-    lm = import_tunix("llama3")
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return lm.ModelConfig(
-        num_layers=hf_config.num_hidden_layers,
-        vocab_size=hf_config.vocab_size,
-        embed_dim=hf_config.hidden_size,
-        hidden_dim=hf_config.intermediate_size,
-        num_heads=hf_config.num_attention_heads,
-        head_dim=head_dim,
-        num_kv_heads=hf_config.num_key_value_heads,
-        rope_theta=hf_config.rope_theta,
-        norm_eps=hf_config.rms_norm_eps,
-        weight_tying=bool(hf_config.tie_word_embeddings),
+    _no_rope_scaling(hf_config, "Llama3")
+    return import_tunix("llama3").ModelConfig(
+        **_decoder_fields(hf_config), weight_tying=bool(hf_config.tie_word_embeddings)
     )
+
+
+#: tunix decoder ``ModelConfig`` field -> transformers config field (Llama 3, Qwen 2.5, Qwen 3), both directions.
+_CONFIG_FIELDS = (
+    ("num_layers", "num_hidden_layers"),
+    ("vocab_size", "vocab_size"),
+    ("embed_dim", "hidden_size"),
+    ("hidden_dim", "intermediate_size"),
+    ("num_heads", "num_attention_heads"),
+    ("num_kv_heads", "num_key_value_heads"),
+    ("rope_theta", "rope_theta"),
+    ("norm_eps", "rms_norm_eps"),
+)
+
+
+def _decoder_fields(hf) -> dict:
+    """The tunix ``ModelConfig`` keywords Llama 3 and Qwen share, read from a transformers config."""
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return {**{ours: getattr(hf, theirs) for ours, theirs in _CONFIG_FIELDS}, "head_dim": head_dim}
 
 
 def tunix_from_linen(hf_config, linen_params, *, dtype=jnp.float32):
@@ -395,18 +401,7 @@ def _qwen_config(hf, family: str, dtype):
             f"{CLASSES[family]} in tunix 0.1.7 has no sliding-window attention (use_sliding_window)"
         )
     return import_tunix(family).ModelConfig(
-        num_layers=hf.num_hidden_layers,
-        vocab_size=hf.vocab_size,
-        embed_dim=hf.hidden_size,
-        hidden_dim=hf.intermediate_size,
-        num_heads=hf.num_attention_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        num_kv_heads=hf.num_key_value_heads,
-        rope_theta=hf.rope_theta,
-        norm_eps=hf.rms_norm_eps,
-        use_tied_embedding=bool(hf.tie_word_embeddings),
-        dtype=dtype,
-        param_dtype=dtype,
+        **_decoder_fields(hf), use_tied_embedding=bool(hf.tie_word_embeddings), dtype=dtype, param_dtype=dtype
     )
 
 
@@ -604,16 +599,10 @@ def hf_config(model):
             "cannot be written; export PEFT adapters instead"
         )
     tied = c.weight_tying if name == "Llama3" else c.use_tied_embedding
+    fields = {theirs: getattr(c, ours) for ours, theirs in _CONFIG_FIELDS}
     return getattr(transformers, f"{classes[name]}Config")(
-        vocab_size=c.vocab_size,
-        hidden_size=c.embed_dim,
-        intermediate_size=c.hidden_dim,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
+        **{**fields, "rope_theta": float(c.rope_theta)},
         head_dim=c.head_dim,
-        rope_theta=float(c.rope_theta),
-        rms_norm_eps=c.norm_eps,
         tie_word_embeddings=bool(tied),
         architectures=[f"{classes[name]}ForCausalLM"],
     )
