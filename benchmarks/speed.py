@@ -4,6 +4,7 @@
     python benchmarks/speed.py --model toy-llama --official-svd-q 64   # a quick smoke run
     python benchmarks/speed.py --sections nnx        # the same model through tunix's NNX Llama3 against linen
     python benchmarks/speed.py --sections stage      # the trainer's gradient stage: before, one pass, streamed
+    python benchmarks/speed.py --sections products   # the step with the adapter products flattened vs not
 
 What it measures, on the same weights and the same 8 training examples:
 
@@ -16,6 +17,9 @@ What it measures, on the same weights and the same 8 training examples:
   ``torch.svd_lowrank(-G, q=512, niter=16)`` per matrix, rank 8, gamma 128), with the subspace accuracy
   of both inits against an exact float64 SVD;
 * the peak resident memory (RSS) of each phase;
+* ``--sections products``: the training step (tweet batch, answer positions) with the adapters' products
+  taken on flattened ``(tokens, features)`` inputs (``lora_delta`` today) against the same products with the
+  batch dimensions kept (before), both compiled in this run, timed in turns, with their transposes;
 * ``--sections nnx``: the LoRA-One step and the whole init (gradient estimate + randomized SVD; first call
   with compiles, and steady state) on the same weights through tunix's NNX ``Llama3`` against linen, their
   ratio, and the compiled steps' cost analysis and HLO op counts (needs the ``nnx`` extra).
@@ -742,6 +746,72 @@ def memory_section(args, model, params, config) -> None:
 # ----------------------------------------------------------------------------- NNX against linen
 
 
+@contextlib.contextmanager
+def batched_adapter_products():
+    """Within the block, steps traced by ``with_lora`` take the adapter products with the batch dimensions
+    kept, ``(x @ a) @ b`` on ``(rows, length, d_in)`` (the library before it flattened them). Benchmark only."""
+    from lora_one_jax import transform
+
+    def batched(x, adapter, scale, *, dropout=0.0, rng=None):
+        return scale * ((x.astype(adapter["a"].dtype) @ adapter["a"]) @ adapter["b"])
+
+    flattened, transform.lora_delta = transform.lora_delta, batched
+    try:
+        yield
+    finally:
+        transform.lora_delta = flattened
+
+
+def big_transposes(compiled, tokens: int) -> int:
+    """Copies / transposes (fused or not) in the optimized HLO whose output is a (features, tokens) array."""
+    return len(re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[\d+,{tokens}\]", compiled.as_text()))
+
+
+def products_section(args, model, params, tok, config) -> None:
+    """The step with the adapters' products on flattened inputs (today) against batched ones (before)."""
+    peak = matmul_peak()
+    rows = tokenize(load_task(args.limit_task).train.select(range(args.batch)), tok, max_len=args.limit_max_len)
+    rows = [{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in rows]
+    batch = lj.with_loss_positions(pad_batch(rows, pad_id=pad_id_of(tok)))
+    optimizer = optax.adamw(1e-4, weight_decay=0.0)
+    make, layout = adapter_state(params, config, optimizer)
+    full = {k: v for k, v in batch.items() if k != "loss_positions"}
+    variants = {  # name: (batched products, batch)
+        "before issue 18: batch dims kept, full logits": (True, full),
+        "before: batch dims kept": (True, batch),
+        "today: flattened (tokens, features)": (False, batch),
+    }
+    compiled, runs = {}, {}
+    for name, (batched, b) in variants.items():
+        with batched_adapter_products() if batched else contextlib.nullcontext():
+            lowered = train_step(model, config, layout, optimizer).lower(params, *make(), b)
+        compiled[name] = step = lowered.compile()
+        state = list(make())
+
+        def run(step=step, state=state, b=b):
+            *state[:], loss = step(params, *state, b)
+            jax.block_until_ready(loss)
+
+        run()  # warm-up
+        runs[name] = run
+    tokens = int(np.prod(batch["input_ids"].shape))
+    times = in_turns(runs, args.steps)
+    shape = "x".join(map(str, batch["input_ids"].shape))
+    print(f"\n## Adapter products: {args.model}, {args.limit_task} batch {shape} (answer positions), rank {args.rank}")
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}; float32 matmul peak here: {peak / 1e9:.0f} GFLOP/s\n")
+    print("| adapter products | step time | GFLOP (XLA) | fraction of peak | (features, tokens) transposes |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, step in compiled.items():
+        flops = flops_of(step)
+        rate = flops / times[name]
+        print(
+            f"| {name} | {times[name]:.3f} s | {flops / 1e9:.1f} | {rate / peak:.2f} | {big_transposes(step, tokens)} |"
+        )
+    before, today = times["before: batch dims kept"], times["today: flattened (tokens, features)"]
+    first = times["before issue 18: batch dims kept, full logits"]
+    print(f"\ntoday / before: {today / before:.3f}; today / before issue 18: {today / first:.3f} (target <= 0.85)")
+
+
 def hlo_ops(compiled, names=("dot", "transpose", "copy", "fusion", "reduce", "broadcast")) -> dict[str, int]:
     """How often each op kind occurs in a compiled program's HLO text (a rough profile of what it runs)."""
     counts = dict.fromkeys(names, 0)
@@ -864,7 +934,9 @@ def tunix_name(path: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--sections", default="limit,memory,compare", help="comma-separated: limit, memory, compare, nnx, stage"
+        "--sections",
+        default="limit,memory,compare",
+        help="comma-separated: limit, memory, compare, nnx, stage, products",
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="asdiv")
@@ -889,9 +961,9 @@ def main(argv=None):
     limit.add_argument("--max-bytes", type=int, default=256 * MiB, help="streamed init: gradient bytes per pass")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"limit", "memory", "compare", "nnx", "stage"}
+    unknown = sections - {"limit", "memory", "compare", "nnx", "stage", "products"}
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare, nnx, stage")
+        parser.error(f"unknown sections {sorted(unknown)}; choose from limit, memory, compare, nnx, stage, products")
 
     meter = Meter()
     with meter.phase("load model"):
@@ -907,6 +979,8 @@ def main(argv=None):
         nnx_section(args, model, params, tok, config)
     if "stage" in sections:
         stage_section(args, model, params, tok, config)
+    if "products" in sections:
+        products_section(args, model, params, tok, config)
 
 
 def compare_section(args, meter, model, params, tok, config) -> None:

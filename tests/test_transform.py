@@ -206,3 +206,20 @@ def test_kernel_layout_comes_from_the_config_and_is_checked_against_the_layer():
         run(lj.LoraConfig(rank=1, targets=".*", transposed_kernels=["lin"]))
     with pytest.raises(ValueError, match=r"'fc' is a flax.linen.Dense, which stores its kernel as \(d_in, d_out\)"):
         run(lj.LoraConfig(rank=1, targets=".*", transposed_kernels=["fc"]))  # fc is square: 4 -> 4
+
+
+def test_adapter_gradients_need_no_transposed_activations():
+    """The adapters' backward pass works on (tokens, features) views: XLA:CPU transposed a (features, tokens)
+    copy of the output's gradient for every adapter when the products kept the batch dims (the SmolLM2 step
+    was 1.5x slower; ``benchmarks/speed.py --sections products``)."""
+    import re
+
+    fam = family("llama")
+    cfg = config_for(fam)
+    adapters = random_adapters(fam.params, cfg)
+    tokens = int(np.prod(fam.inputs["input_ids"].shape))
+    loss = lambda a: jnp.mean(fam.forward_lora(fam.params, a, cfg) ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(adapters).compile().as_text()
+    widths = {t.d_out for t in lj.find_targets(fam.params, cfg).values()}
+    transposed = re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[(\d+),{tokens}\]", hlo)
+    assert widths and not [w for w in transposed if int(w) in widths], transposed
