@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_one_jax.lowrank import low_rank_product
+
 #: Variable metadata key holding an adaptable kernel's contracting axes (``nnx_split`` writes it).
 LAYOUT_KEY = "lora_in_axes"
 
@@ -358,17 +360,22 @@ def _unused_letter(*specs: str) -> str:
 
 
 def _einsum_delta(x, a, b, einsum: str, in_axes: tuple[int, ...], shape: tuple[int, ...]):
-    """``x (einsum) (A @ B laid out as the kernel)`` computed through the rank: ``(x . A_nd) . B_nd``."""
+    """``x (einsum) (A @ B laid out as the kernel)`` computed through the rank, on (tokens, features) views
+    (``lowrank``): ``x . A_nd`` gives ``(tokens, r)``, then ``@ B`` and the output's axis order."""
     lhs, rhs, out = _parse(einsum)
-    z = _unused_letter(lhs, rhs, out)
     rest = tuple(i for i in range(len(shape)) if i not in in_axes)
     contract = "".join(rhs[i] for i in in_axes)
     free = "".join(rhs[i] for i in rest)
     kept = "".join(c for c in lhs if c not in contract)
-    a_nd = jnp.reshape(a, tuple(shape[i] for i in in_axes) + (a.shape[-1],))
-    b_nd = jnp.reshape(b, (b.shape[0],) + tuple(shape[i] for i in rest))
-    h = jnp.einsum(f"{lhs},{contract}{z}->{kept}{z}", x, a_nd)
-    return jnp.einsum(f"{kept}{z},{z}{free}->{out}", h, b_nd)
+    kept_shape = tuple(x.shape[lhs.index(c)] for c in kept)
+    if lhs == kept + contract:  # the usual layout ('BTD,DNH', 'BTNH,NHD'): contracted axes last, in A's order
+        h = x.reshape(-1, a.shape[0]) @ a
+    else:
+        z = _unused_letter(lhs, rhs, out)
+        a_nd = jnp.reshape(a, tuple(shape[i] for i in in_axes) + (a.shape[-1],))
+        h = jnp.einsum(f"{lhs},{contract}{z}->{kept}{z}", x, a_nd).reshape(-1, a.shape[-1])
+    y = (h @ b).reshape(*kept_shape, *(shape[i] for i in rest))
+    return jnp.einsum(f"{kept}{free}->{out}", y)
 
 
 def _lora_call(self, *args, **kwargs):
@@ -383,7 +390,7 @@ def _lora_call(self, *args, **kwargs):
         keep = jax.random.bernoulli(key.get_value(), 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(a.dtype)
     if layout.einsum is None:
-        delta = (x @ a) @ b
+        delta = low_rank_product(x, a, b)
     else:
         einsum = kwargs.get("einsum_str") or layout.einsum
         if einsum.replace(" ", "") != layout.einsum.replace(" ", ""):

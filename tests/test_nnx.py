@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,27 @@ def test_adapter_gradients_follow_the_chain_rule(family):
         s, g = targets[path].scale, g_full[path]
         assert _rel(grads[path]["a"], s * g @ ad["b"].T) < 1e-4, path
         assert _rel(grads[path]["b"], s * ad["a"].T @ g) < 1e-4, path
+
+
+def test_adapter_gradients_need_no_transposed_activations(family):
+    """As for linen (tests/test_transform.py): the adapters' backward works on (tokens, features) views, so XLA
+    makes no (features, tokens) copy of an adapted layer's input or output gradient beyond those the model's
+    own forward makes (Gemma 3's fused kv einsum has two)."""
+    name, model, params = family
+    cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="all-linear")
+    _, adapters = lj.init_adapters(params, cfg, key=jax.random.key(0))
+    batch = _batch(shape=(2, 11))  # 22 tokens: no width or head size of the toy models
+    tokens = int(np.prod(batch["input_ids"].shape))
+    widths = {w for t in lj.find_targets(params, cfg).values() for w in (t.d_in, t.d_out)}
+
+    def transposed(fn, *args):
+        hlo = jax.jit(fn).lower(*args).compile().as_text()
+        found = re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[(\d+),{tokens}\]", hlo)
+        return [w for w in found if int(w) in widths]
+
+    grads = transposed(jax.grad(lj.lora_loss_fn(model, cfg), argnums=1), params, _random_adapters(adapters), batch)
+    forward = transposed(lj.full_loss_fn(model), params, batch)
+    assert widths and len(grads) <= len(forward), (grads, forward)
 
 
 def test_every_method_initialises(family):
