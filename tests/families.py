@@ -4,6 +4,7 @@ comparisons) PyTorch. Shared by several test modules."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -140,3 +141,12 @@ def random_adapters(params, config, seed=0, b_scale=0.1):
         p: {"a": ad["a"], "b": b_scale * jax.random.normal(k, ad["b"].shape)}
         for k, (p, ad) in zip(keys, adapters.items())
     }
+
+
+def feature_token_copies(fn, *args, tokens: int, widths) -> list[int]:
+    """Widths of the (features, tokens) copies or transposes (fused or not) in ``fn``'s compiled program whose
+    feature size is in ``widths``: what XLA:CPU made of every adapted layer's activations when the adapter
+    products kept the batch dims (``benchmarks/speed.py --sections products`` counts the same)."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    found = re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[(\d+),{tokens}\]", hlo)
+    return [int(w) for w in found if int(w) in widths]

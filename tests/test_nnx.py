@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 from flax import nnx
 
 import lora_one_jax as lj
+from tests.families import feature_token_copies
 
 tunix = pytest.importorskip("lora_one_jax.models.tunix")
 pytest.importorskip("tunix")
@@ -127,13 +127,11 @@ def test_adapter_gradients_need_no_transposed_activations(family):
     tokens = int(np.prod(batch["input_ids"].shape))
     widths = {w for t in lj.find_targets(params, cfg).values() for w in (t.d_in, t.d_out)}
 
-    def transposed(fn, *args):
-        hlo = jax.jit(fn).lower(*args).compile().as_text()
-        found = re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[(\d+),{tokens}\]", hlo)
-        return [w for w in found if int(w) in widths]
-
-    grads = transposed(jax.grad(lj.lora_loss_fn(model, cfg), argnums=1), params, _random_adapters(adapters), batch)
-    forward = transposed(lj.full_loss_fn(model), params, batch)
+    loss = lj.lora_loss_fn(model, cfg)
+    grads = feature_token_copies(
+        jax.grad(loss, argnums=1), params, _random_adapters(adapters), batch, tokens=tokens, widths=widths
+    )
+    forward = feature_token_copies(lj.full_loss_fn(model), params, batch, tokens=tokens, widths=widths)
     assert widths and len(grads) <= len(forward), (grads, forward)
 
 

@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 import lora_one_jax as lj
-from tests.families import FAMILIES, make_family, random_adapters
+from tests.families import FAMILIES, feature_token_copies, make_family, random_adapters
 
 
 @functools.cache
@@ -212,14 +212,11 @@ def test_adapter_gradients_need_no_transposed_activations():
     """The adapters' backward pass works on (tokens, features) views: XLA:CPU transposed a (features, tokens)
     copy of the output's gradient for every adapter when the products kept the batch dims (the SmolLM2 step
     was 1.5x slower; ``benchmarks/speed.py --sections products``)."""
-    import re
-
     fam = family("llama")
     cfg = config_for(fam)
     adapters = random_adapters(fam.params, cfg)
     tokens = int(np.prod(fam.inputs["input_ids"].shape))
     loss = lambda a: jnp.mean(fam.forward_lora(fam.params, a, cfg) ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(adapters).compile().as_text()
     widths = {t.d_out for t in lj.find_targets(fam.params, cfg).values()}
-    transposed = re.findall(rf"%\w*(?:copy|transpose)\w*(?:\.\d+)? = f32\[(\d+),{tokens}\]", hlo)
-    assert widths and not [w for w in transposed if int(w) in widths], transposed
+    transposed = feature_token_copies(jax.grad(loss), adapters, tokens=tokens, widths=widths)
+    assert widths and not transposed, transposed
