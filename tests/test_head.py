@@ -126,15 +126,15 @@ def test_no_full_logits_buffer_in_the_compiled_step():
 def test_missing_positions_give_nan_and_bad_heads_raise():
     fam = make_family("llama")
     batch = lj.with_loss_positions(batch_for("llama"))
-    loss = lj.full_loss_fn(fam.model)
+    loss = jax.jit(lj.full_loss_fn(fam.model))  # jitted: eager dispatch took ~2 minutes
     assert np.isfinite(loss(fam.params, batch))
     stale = {**batch, "loss_positions": batch["loss_positions"][:, :1]}  # drops scored tokens: never quietly wrong
     assert np.isnan(loss(fam.params, stale))
     with pytest.raises(ValueError, match="called its output head 'nope' 0 times"):
-        lj.full_loss_fn(fam.model, head="nope")(fam.params, batch)
+        jax.jit(lj.full_loss_fn(fam.model, head="nope"))(fam.params, batch)
     config = lj.LoraConfig(rank=2, targets=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="output head 'lm_head' has an adapter"):
-        lj.lora_loss_fn(fam.model, config)(fam.params, random_adapters(fam.params, config), batch)
+        jax.jit(lj.lora_loss_fn(fam.model, config))(fam.params, random_adapters(fam.params, config), batch)
     with pytest.raises(ValueError, match="vocab_chunk must be a positive integer"):
         lj.full_loss_fn(fam.model, vocab_chunk=0)
 
