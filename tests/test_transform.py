@@ -61,7 +61,7 @@ def test_gradients_reach_only_adapters_and_follow_chain_rule(name):
     grads = jax.jit(jax.grad(loss_lora))(adapters)
 
     merged = lj.merge(fam.params, adapters, cfg)
-    g_full = flat(jax.grad(lambda p: jnp.mean(fam.forward(p) ** 2))(merged))
+    g_full = flat(jax.jit(jax.grad(lambda p: jnp.mean(fam.forward(p) ** 2)))(merged))
     targets = lj.find_targets(fam.params, cfg)
     assert set(grads) == set(adapters)
     for path, g in grads.items():
