@@ -149,7 +149,8 @@ def test_micro_batches_of_several_lengths_compile_once_and_padding_is_exact(comp
         model_params = {**params["model"], "layers": {"0": {**layer, "self_attn": attn}}}
         return loss({**params, "model": model_params}, batch)
 
-    per = [jax.jit(jax.grad(q_grad))(layer["self_attn"]["q_proj"]["kernel"], m) for m in micro]
+    grad_q = jax.jit(jax.grad(q_grad))
+    per = [grad_q(layer["self_attn"]["q_proj"]["kernel"], m) for m in micro]
     np.testing.assert_allclose(g["model/layers/0/self_attn/q_proj"], np.mean(per, axis=0), rtol=2e-4, atol=1e-7)
 
 
