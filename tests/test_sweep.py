@@ -206,6 +206,18 @@ def test_report_tables_and_plots_from_a_simulated_sweep(tmp_path):
     assert f"| lora-one | 26.0 ± {stats.mean_ci([25.0, 26.0, 27.0])['half_width']:.1f} (n=3) |" in diagnostics
 
 
+def test_partial_report_shows_the_best_grid_rate_so_far():
+    from lora_one_train.sweep_report import grid_section
+
+    grid = [
+        {"method": "lora", "lr": lr, "seed": 0, "phase": "grid", "val": {"answer_loss": loss, "score": None}}
+        for lr, loss in [(1e-4, 0.8), (3e-4, 0.6), (1e-3, 0.7)]
+    ]
+    assert "| lora | (3.00e-04 so far) |" in "\n".join(grid_section(grid))
+    seeds = [{"method": "lora", "lr": 1e-3, "seed": 0, "phase": "seeds", "history": []}]  # the sweep's choice wins
+    assert "| lora | 1.00e-03 |" in "\n".join(grid_section(grid + seeds))
+
+
 def test_report_reads_the_final_held_out_record_first():
     from lora_one_train.sweep_report import final
 

@@ -138,14 +138,15 @@ def _ci_or_none(values: Mapping[int, float]):
 
 
 def grid_section(records: Sequence[Mapping]) -> list[str]:
-    """Per method: the chosen rate and the validation loss (score) at every rate of its grid.
+    """Per method: the chosen rate and the validation loss (score) at every rate of its grid. Before a method's
+    seeds-phase runs start, the rate column shows its best grid rate so far, e.g. ``(3.00e-04 so far)``.
 
     Example:
         >>> print("\\n".join(grid_section(example_records())[2:4]))
         | lora | 1.00e-03 | 0.900 (0.500) | 0.750 (0.600) | 0.700 (0.610) | yes |
         | lora-one | 3.00e-04 | 0.650 (0.620) | 0.600 (0.640) | 0.800 (0.600) | - |
     """
-    from lora_one_train.sweep import validation_of
+    from lora_one_train.sweep import choose_rate, validation_of
 
     grid = defaultdict(dict)
     for r in records:
@@ -160,8 +161,13 @@ def grid_section(records: Sequence[Mapping]) -> list[str]:
     for method, g in grid.items():
         cells = [f"{_num(g[lr][0])} ({_num(g[lr][1])})" if lr in g else "-" for lr in rates]
         lr = chosen.get(method)
+        if lr is None:  # the grid is still running: its best rate so far, marked as such
+            best = choose_rate({r: v[0] for r, v in g.items()}, {r: v[1] for r, v in g.items()})
+            rate = f"({best:.2e} so far)"
+        else:
+            rate = f"{lr:.2e}"
         edge = "yes" if lr is not None and lr in (min(g), max(g)) else "-"
-        lines.append(f"| {method} | {'-' if lr is None else f'{lr:.2e}'} | " + " | ".join(cells) + f" | {edge} |")
+        lines.append(f"| {method} | {rate} | " + " | ".join(cells) + f" | {edge} |")
     return lines
 
 
