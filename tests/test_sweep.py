@@ -218,6 +218,18 @@ def test_partial_report_shows_the_best_grid_rate_so_far():
     assert "| lora | 1.00e-03 |" in "\n".join(grid_section(grid + seeds))
 
 
+def test_report_states_gamma_autos_cost_in_the_runs_own_training_steps():
+    from lora_one_train.sweep_report import gamma_section
+
+    history = [{"step": s, "loss": 1.0, "step_seconds": t} for s, t in [(1, 2.0), (2, 2.0), (3, 11.0)]]
+    auto = {"gamma": 256.0, "gamma_auto": {"forward_passes": 6, "seconds": 5.0}}
+    rec = {"method": "lora-one+gamma=auto", "seed": 1, "phase": "seeds", "init": auto, "history": history}
+    old = {"method": "lora-one", "seed": 1, "phase": "seeds", "init": {"gamma": 128.0}, "history": []}
+    lines = gamma_section([rec, old])
+    assert "| lora-one+gamma=auto | 1 | 256 | 6 | 5.0 | 2.5 |" in lines  # 5 s over the median step of 2 s
+    assert "| lora-one | 1 | 128 | - | - | - |" in lines
+
+
 def test_report_reads_the_final_held_out_record_first():
     from lora_one_train.sweep_report import final
 

@@ -66,9 +66,12 @@ def test_gamma_auto_through_the_trainer_is_logged_and_used(tmp_path):
 
     cfg = tiny_config(tmp_path, methods=["lora-one"], **{"init.gamma": "auto", "train.steps": 1})
     cfg["eval"]["diagnostics"] = False
-    first = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"][0]
+    history = run(RunConfig.from_dict(cfg), progress=False)["methods"]["lora-one"]["history"]
+    first = history[0]
     scored = {float(k.removeprefix("init/gamma_loss/")): v for k, v in first.items() if "gamma_loss/" in k}
     # the golden search scores some of the 8 candidates (at least 3), never one outside them
     assert 3 <= len(scored) <= 8 and set(scored) <= set(lj.step_size.DEFAULT_GAMMAS)
     assert all(np.isfinite(list(scored.values()))) and first["init/gamma"] == min(scored, key=scored.get)
     assert first["init/gamma_forward_passes"] == 4 * len(scored)  # 16 examples in batches of 4 per candidate
+    # its cost in training steps: the report divides the seconds by the logged seconds per step
+    assert first["init/gamma_seconds"] > 0 and [r["step_seconds"] > 0 for r in history if "loss" in r] == [True]

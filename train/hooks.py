@@ -12,7 +12,7 @@ Example:
     >>> log = LossLog([Printer()], history, lr=lambda step: 0.1)
     >>> log([{"step": 1, "loss": 2.0, "grad_norm": 1.0, "tokens": 10}])
     >>> lines, history[0]["lr"]
-    ([(1, ['grad_norm', 'loss', 'lr', 'tokens_per_s'])], 0.1)
+    ([(1, ['grad_norm', 'loss', 'lr', 'step_seconds', 'tokens_per_s'])], 0.1)
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def log_record(loggers, history: list[dict], record: dict) -> None:
 
 
 class LossLog:
-    """``fit``'s ``on_losses``: every training step's record (loss, gradient norm, learning rate, tokens/s)
-    to the loggers and the history, and the progress bar moved on."""
+    """``fit``'s ``on_losses``: every training step's record (loss, gradient norm, learning rate, tokens/s and
+    seconds per step over the records' window) to the loggers and the history, and the progress bar moved on.
+    A window that follows an evaluation or a checkpoint includes its time: take the median over a run."""
 
     def __init__(self, loggers, history: list[dict], *, lr: Callable[[int], float], bar=None):
         self.loggers, self.history, self.lr, self.bar = loggers, history, lr, bar
@@ -47,6 +48,7 @@ class LossLog:
             return
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         tokens_per_s = sum(r["tokens"] for r in records) / elapsed
+        step_seconds = elapsed / len(records)
         for r in records:
             record = {
                 "step": r["step"],
@@ -54,7 +56,9 @@ class LossLog:
                 "grad_norm": r["grad_norm"],
                 "lr": float(self.lr(r["step"])),
             }
-            log_record(self.loggers, self.history, {**record, "tokens_per_s": tokens_per_s})
+            log_record(
+                self.loggers, self.history, {**record, "tokens_per_s": tokens_per_s, "step_seconds": step_seconds}
+            )
         if self.bar is not None:
             last = self.history[-1]
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")

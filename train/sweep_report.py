@@ -245,17 +245,37 @@ def levels_section(runs: Mapping[str, list[Mapping]], levels: Sequence[float]) -
     return _table([f"loss {lv:.3f}" for lv in levels], rows)
 
 
+def step_seconds(record: Mapping) -> float | None:
+    """The run's median seconds per training step (``step_seconds`` of its training records), or None.
+
+    The median, because a window that follows an evaluation or a checkpoint counts its time too.
+
+    Example:
+        >>> step_seconds({"history": [{"step": 1, "step_seconds": 3.0}, {"step": 2, "step_seconds": 9.0},
+        ...                           {"step": 3, "step_seconds": 3.2}, {"step": 3, "eval/score": 0.5}]})
+        3.2
+    """
+    times = sorted(r["step_seconds"] for r in record.get("history", []) if r.get("step_seconds") is not None)
+    return float(times[len(times) // 2]) if times else None
+
+
 def gamma_section(records: Sequence[Mapping]) -> list[str]:
-    """The gamma every seeds-phase run used, and what ``gamma: auto`` cost (forward passes, seconds)."""
+    """The gamma every seeds-phase run used, and what ``gamma: auto`` cost: forward passes, seconds, and those
+    seconds in the run's own training steps (its median step time)."""
     rows = [r for r in records if r.get("phase") == "seeds" and (r.get("init") or {}).get("gamma") is not None]
     if not rows:
         return []
-    lines = ["| method | seed | gamma | auto: forward passes | auto: seconds |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| method | seed | gamma | auto: forward passes | auto: seconds | auto: training steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         auto = r["init"].get("gamma_auto") or {}
+        step = step_seconds(r)
+        steps = auto["seconds"] / step if auto.get("seconds") is not None and step else None
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['init']['gamma']:g} | {auto.get('forward_passes', '-')} "
-            f"| {_num(auto.get('seconds'), 1)} |"
+            f"| {_num(auto.get('seconds'), 1)} | {_num(steps, 1)} |"
         )
     return lines
 
