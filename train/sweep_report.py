@@ -342,7 +342,10 @@ def plot_grid(records: Sequence[Mapping], path) -> Path:
         ax.set_xlabel("peak learning rate")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+        else:  # e.g. ASDiv's grid runs: answer loss only
+            ax.text(0.5, 0.5, "not scored", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path, plt)
 
 
