@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -255,8 +256,8 @@ def step_seconds(record: Mapping) -> float | None:
         ...                           {"step": 3, "step_seconds": 3.2}, {"step": 3, "eval/score": 0.5}]})
         3.2
     """
-    times = sorted(r["step_seconds"] for r in record.get("history", []) if r.get("step_seconds") is not None)
-    return float(times[len(times) // 2]) if times else None
+    times = [r["step_seconds"] for r in record.get("history", []) if r.get("step_seconds") is not None]
+    return float(statistics.median(times)) if times else None
 
 
 def gamma_section(records: Sequence[Mapping]) -> list[str]:
