@@ -225,9 +225,11 @@ def test_report_states_gamma_autos_cost_in_the_runs_own_training_steps():
     auto = {"gamma": 256.0, "gamma_auto": {"forward_passes": 6, "seconds": 5.0}}
     rec = {"method": "lora-one+gamma=auto", "seed": 1, "phase": "seeds", "init": auto, "history": history}
     old = {"method": "lora-one", "seed": 1, "phase": "seeds", "init": {"gamma": 128.0}, "history": []}
-    lines = gamma_section([rec, old])
-    assert "| lora-one+gamma=auto | 1 | 256 | 6 | 5.0 | 2.5 |" in lines  # 5 s over the median step of 2 s
-    assert "| lora-one | 1 | 128 | - | - | - |" in lines
+    twin = {**rec, "seed": 2, "init": {**auto, "gamma": 128.0}, "same_as": "seeds/lora-one/lr1.00e-03-seed2"}
+    lines = gamma_section([rec, old, twin])
+    assert "| lora-one+gamma=auto | 1 | 256 | 6 | 5.0 | 2.5 | yes |" in lines  # 5 s over the median step of 2 s
+    assert "| lora-one | 1 | 128 | - | - | - | yes |" in lines
+    assert "| lora-one+gamma=auto | 2 | 128 | 6 | 5.0 | 2.5 | as `seeds/lora-one/lr1.00e-03-seed2` |" in lines
 
 
 def test_report_reads_the_final_held_out_record_first():

@@ -75,3 +75,39 @@ def test_gamma_auto_through_the_trainer_is_logged_and_used(tmp_path):
     assert first["init/gamma_forward_passes"] == 4 * len(scored)  # 16 examples in batches of 4 per candidate
     # its cost in training steps: the report divides the seconds by the logged seconds per step
     assert first["init/gamma_seconds"] > 0 and [r["step_seconds"] > 0 for r in history if "loss" in r] == [True]
+
+
+@pytest.mark.slow
+def test_a_run_that_would_train_as_a_finished_one_reuses_its_result(tmp_path):
+    """lora-one+gamma=auto beside lora-one at the gamma auto chose: the same run, trained once. The reused
+    result equals what training gives (a sweep that trains it), and a run at another gamma is trained."""
+    base = sweep_config(tmp_path, **{"eval.diagnostics": False})
+    base["sweep"]["seeds"] = [0]
+
+    def sweep(folder, labels):
+        cfg = RunConfig.from_dict(
+            {**base, "output_dir": str(tmp_path / folder), "sweep": {**base["sweep"], "methods": labels}}
+        )
+        run_sweep(cfg, progress=False)
+        return load_results(cfg.out_dir)
+
+    auto = sweep("shared", ["lora-one+gamma=auto"])
+    gamma = {r["init"]["gamma"] for r in auto.values()}.pop()  # the seed's choice, whatever the rate
+    chosen, other = f"lora-one+gamma={gamma:g}", f"lora-one+gamma={gamma * 4:g}"
+    both = sweep("shared", ["lora-one+gamma=auto", chosen, other])
+    reused = {name: r for name, r in both.items() if r["method"] == chosen}
+    assert len(reused) == len(auto) >= 3  # every grid and seeds run of the chosen gamma
+    for name, r in reused.items():
+        twin = both[r["same_as"]]
+        assert twin["method"] == "lora-one+gamma=auto" and (twin["lr"], twin["phase"]) == (r["lr"], r["phase"])
+        assert r["init"]["gamma"] == gamma and "gamma_auto" not in r["init"]
+        assert [p.name for p in (tmp_path / "shared" / name).iterdir()] == ["result.json"]  # nothing trained
+    assert not any("same_as" in r for r in both.values() if r["method"] == other)
+    assert (
+        f"| {chosen} | 0 | {gamma:g} | - | - | - | as `seeds/lora-one+gamma=auto/"
+        in (tmp_path / "shared" / "report.md").read_text()
+    )
+    trained = sweep("alone", [chosen])
+    for name, r in reused.items():
+        phase = "val" if r["phase"] == "grid" else "held_out"
+        assert trained[name][phase] == r[phase]  # what training gives, exactly

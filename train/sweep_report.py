@@ -262,13 +262,14 @@ def step_seconds(record: Mapping) -> float | None:
 
 def gamma_section(records: Sequence[Mapping]) -> list[str]:
     """The gamma every seeds-phase run used, and what ``gamma: auto`` cost: forward passes, seconds, and those
-    seconds in the run's own training steps (its median step time)."""
+    seconds in the run's own training steps (its median step time); a run not trained because it trains
+    exactly as a finished one (``same_as``) names that run."""
     rows = [r for r in records if r.get("phase") == "seeds" and (r.get("init") or {}).get("gamma") is not None]
     if not rows:
         return []
     lines = [
-        "| method | seed | gamma | auto: forward passes | auto: seconds | auto: training steps |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | seed | gamma | auto: forward passes | auto: seconds | auto: training steps | trained |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         auto = r["init"].get("gamma_auto") or {}
@@ -276,7 +277,8 @@ def gamma_section(records: Sequence[Mapping]) -> list[str]:
         steps = auto["seconds"] / step if auto.get("seconds") is not None and step else None
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['init']['gamma']:g} | {auto.get('forward_passes', '-')} "
-            f"| {_num(auto.get('seconds'), 1)} | {_num(steps, 1)} |"
+            f"| {_num(auto.get('seconds'), 1)} | {_num(steps, 1)} "
+            f"| {'as `' + r['same_as'] + '`' if r.get('same_as') else 'yes'} |"
         )
     return lines
 

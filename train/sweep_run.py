@@ -11,6 +11,10 @@ train step (``RunContext.steps``) and, per seed, the gradient estimate. For a se
 same training order and the same gradient examples, so the report pairs them by seed. Grid runs are
 scored on a validation split carved from train (never the reported split); seeds runs on the held-out split.
 
+A run that would train exactly as a finished one (``twin_config`` equal: e.g. ``lora-one+gamma=auto`` where auto
+chose 128 on that seed, beside ``lora-one``) is not trained again: its ``result.json`` is that run's, named in
+``same_as`` (training is deterministic: such pairs were equal bit for bit when both were trained).
+
 Example:
     >>> split_label("lora-one+gamma=auto")
     ('lora-one', {'init': {'gamma': 'auto'}})
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -31,7 +36,7 @@ from lora_one_train.config import ConfigError, RunConfig, merge, parse_yaml
 from lora_one_train.context import RunContext
 from lora_one_train.exports import is_main_process
 from lora_one_train.lock import RunLock
-from lora_one_train.method import GAMMA_EXAMPLES, train_method
+from lora_one_train.method import GAMMA_EXAMPLES, auto_gamma_adapters, train_method
 from lora_one_train.run import estimate_gradient, gradient_inits, load, load_run_task, prepare_output
 from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
 from lora_one_train.sweep_report import write_report
@@ -73,6 +78,27 @@ def run_config(cfg: RunConfig, run: Run) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def twin_config(cfg: RunConfig, run: Run, gamma: float | None = None) -> dict:
+    """What decides how ``run`` trains: its trainer config without its name and folder, with ``init.gamma: auto``
+    resolved to ``gamma`` (what auto chose for its seed; ``None``: not known). Two runs of a sweep with equal
+    twin configs train the same steps on the same data.
+
+    Example:
+        >>> from lora_one_train.config import load_config
+        >>> cfg = load_config("sweep-tweets", [])
+        >>> auto, fixed = Run("lora-one+gamma=auto", 1e-3, 1, "seeds"), Run("lora-one", 1e-3, 1, "seeds")
+        >>> twin_config(cfg, auto, gamma=128.0) == twin_config(cfg, fixed)
+        True
+        >>> twin_config(cfg, auto, gamma=64.0) == twin_config(cfg, fixed), twin_config(cfg, auto)["init"]["gamma"]
+        (False, None)
+    """
+    values = run_config(cfg, run).to_dict()
+    del values["name"], values["output_dir"]
+    chosen = gamma if values["init"]["gamma"] == "auto" else values["init"]["gamma"]
+    values["init"]["gamma"] = None if chosen is None else float(chosen)
+    return values
+
+
 class Sweep:
     """The sweep's shared pieces: the loaded model (one ``RunContext``), and per seed the task splits and
     per (seed, init) the gradient stage."""
@@ -82,6 +108,7 @@ class Sweep:
         self.base = load(cfg, progress=progress)
         self.tasks: dict = {}
         self.gradients: dict = {}
+        self.auto_gammas: dict = {}  # (label, seed) -> (gamma, what auto scored): the choice is the seed's
 
     def task(self, run_cfg: RunConfig, phase: str):
         """The run's task: train without the validation split; evaluated on it (grid) or on held-out (seeds)."""
@@ -132,11 +159,68 @@ class Sweep:
             self.gradients[key] = gradient
         return self.gradients[key]
 
-    def train(self, run: Run) -> dict:
-        """One run of the plan, from scratch or from its checkpoint; its result record."""
+    def auto_gamma(self, run: Run, ctx: RunContext, results: Mapping[str, Mapping]):
+        """``(gamma, its gamma_auto record)`` that ``init.gamma: auto`` chooses for ``run``'s seed (the choice
+        depends on the seed's gradient and training examples, not on the rate or phase): from a finished run
+        of the same label and seed, else scored now (forward passes only); ``None`` where the gradient stage
+        has nothing for it (a resumed run)."""
+        key = (run.method, run.seed)
+        for r in results.values():
+            auto = (r.get("init") or {}).get("gamma_auto")
+            if (r.get("method"), r.get("seed")) == key and auto:
+                self.auto_gammas.setdefault(key, (float(r["init"]["gamma"]), auto))
+        if key not in self.auto_gammas:
+            gradient = self.gradient(ctx)
+            if "lora-one" not in gradient.unit:
+                return None
+            _, _, chosen = auto_gamma_adapters(ctx, gradient)
+            losses = {k.removeprefix("init/gamma_loss/"): v for k, v in chosen.items() if "gamma_loss/" in k}
+            auto = {
+                "losses": losses,
+                "forward_passes": chosen["init/gamma_forward_passes"],
+                "seconds": chosen["init/gamma_seconds"],
+            }
+            self.auto_gammas[key] = (float(chosen["init/gamma"]), auto)
+        return self.auto_gammas[key]
+
+    def twin(self, run: Run, ctx: RunContext, results: Mapping[str, Mapping]) -> tuple[str, dict] | None:
+        """``(name, init record)`` of a finished run that trains exactly as ``run`` would (see ``twin_config``),
+        or ``None``. Only a run with ``init.gamma: auto`` (or one beside such a run) can have one."""
+        same_slot = {
+            name: r
+            for name, r in results.items()
+            if (r.get("lr"), r.get("seed"), r.get("phase")) == (run.lr, run.seed, run.phase)
+            and r.get("method") != run.method
+            and split_label(r["method"])[0] == split_label(run.method)[0]
+        }
+        if not same_slot:
+            return None
+        init: dict = {"gamma": twin_config(self.cfg, run)["init"]["gamma"]}
+        if init["gamma"] is None:  # gamma: auto, resolved for this seed
+            chosen = self.auto_gamma(run, ctx, results)
+            if chosen is None:
+                return None
+            init = {"gamma": chosen[0], "gamma_auto": chosen[1]}
+        mine = twin_config(self.cfg, run, init["gamma"])
+        for name, r in same_slot.items():
+            theirs = Run(r["method"], r["lr"], r["seed"], r["phase"])
+            if twin_config(self.cfg, theirs, (r.get("init") or {}).get("gamma")) == mine:
+                return name, init
+        return None
+
+    def train(self, run: Run, results: Mapping[str, Mapping] | None = None) -> dict:
+        """One run of the plan, from scratch or from its checkpoint, or the result of its twin among the
+        finished ``results`` (see ``twin``); its result record."""
         run_cfg = run_config(self.cfg, run)
         ctx = self.context(run_cfg, run.phase)
         print(f"=== {run.name} ===")
+        twin = self.twin(run, ctx, results or {})
+        if twin is not None:
+            name, init = twin
+            print(f"{run.name}: trains exactly as {name} (gamma {init['gamma']:g}): its result, not trained again")
+            run.folder(self.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            twin_init = {k: v for k, v in (results[name].get("init") or {}).items() if k != "gamma_auto"}
+            return {**results[name], **record_of(run), "same_as": name, "init": {**twin_init, **init}}
         prepare_output(run_cfg)
         method = run_cfg.methods[0]
         try:
@@ -197,7 +281,7 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> Path:
             todo = [r for r in runs if r.name not in results]
             if not todo:
                 break
-            write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0]))
+            write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0], results))
         report = write_sweep_report(cfg)
     print(f"report: {report}")
     return report
