@@ -262,3 +262,26 @@ def test_load_results_finds_only_finished_runs(tmp_path):
         r for r in plan(["lora"], load_results(tmp_path), grid=(1e-3, 1e-2)) if r.name not in load_results(tmp_path)
     ]
     assert [r.name for r in todo] == ["grid/lora/lr1.00e-03-seed0", "grid/lora/lr1.00e-02-seed0"]
+
+
+def test_verdict_judges_each_method_by_its_paired_intervals_and_steps_to_the_references_loss():
+    from lora_one_train.sweep_report import verdict_section
+
+    def rec(method, seed, end_step, end_loss, score):
+        history = [{"step": 0, "eval/answer_loss": 2.0}, {"step": end_step, "eval/answer_loss": end_loss}]
+        held = {"answer_loss": end_loss, "score": score}
+        return {"method": method, "seed": seed, "lr": 1e-3, "phase": "seeds", "history": history, "held_out": held}
+
+    runs = {
+        "lora": [rec("lora", s, 100, loss, sc) for s, loss, sc in [(0, 1.0, 0.60), (1, 1.1, 0.62), (2, 0.9, 0.64)]],
+        # reaches 1.0 / 1.1 / 0.9 at steps 33.3 / 30 / 36.7 of lora's 100: 1/3 of the steps on average
+        "fast": [rec("fast", s, 50, 0.5, sc) for s, sc in [(0, 0.61), (1, 0.60), (2, 0.66)]],
+        "slow": [rec("slow", s, 100, 1.5, 0.5) for s in range(3)],
+    }
+    fast, slow = verdict_section(runs, "lora")
+    # score differences +0.01, -0.02, +0.02 straddle 0; loss differences -0.5, -0.6, -0.4 do not
+    assert "held-out score +0.003 [" in fast and "]: **no significant difference**" in fast
+    assert "held-out answer loss -0.500 [-0.748, -0.252]*: **better**" in fast  # t(2) 4.303 x 0.1 / sqrt(3)
+    assert "reached in 0.33x its steps (3/3 seeds)" in fast
+    assert "answer loss +0.500" in slow and "**worse**" in slow and "loss never reached (0/3 seeds)" in slow
+    assert verdict_section({"fast": runs["fast"]}, "lora") == []  # no reference: no verdict

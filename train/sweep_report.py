@@ -172,6 +172,66 @@ def grid_section(records: Sequence[Mapping]) -> list[str]:
     return lines
 
 
+def _judge(diff: Mapping, higher_is_better: bool) -> str:
+    if diff["low"] is None:
+        return "one seed, no interval"
+    if diff["low"] > 0 or diff["high"] < 0:
+        return "better" if (diff["low"] > 0) == higher_is_better else "worse"
+    return "no significant difference"
+
+
+def steps_to_reference(runs: Sequence[Mapping], reference: Sequence[Mapping]) -> dict[int, float | None]:
+    """``{seed: steps the run needs to reach the reference's final held-out answer loss on that seed, over the
+    steps the reference itself needs}`` (interpolated; None where the run never reaches it).
+
+    Example:
+        >>> def curve(step, loss):
+        ...     return [{"seed": 0, "history": [{"step": 0, LOSS: 2.0}, {"step": step, LOSS: loss}]}]
+        >>> ref, run = curve(100, 1.0), curve(50, 0.5)
+        >>> {s: round(v, 4) for s, v in steps_to_reference(run, ref).items()}  # 1.0 at step 33.3 of 100
+        {0: 0.3333}
+    """
+    levels = {r["seed"]: final(r, "answer_loss") for r in reference}
+    own = {r["seed"]: stats.steps_to_level(r["history"], levels[r["seed"]], LOSS) for r in reference}
+    out = {}
+    for r in runs:
+        level = levels.get(r["seed"])
+        if level is not None and own[r["seed"]]:
+            steps = stats.steps_to_level(r["history"], level, LOSS)
+            out[r["seed"]] = None if steps is None else steps / own[r["seed"]]
+    return out
+
+
+def verdict_section(runs: Mapping[str, list[Mapping]], reference: str) -> list[str]:
+    """The answer, one line per method against ``reference``, paired by seed: its final held-out score and answer
+    loss (better / worse where the 95% CI of the difference excludes 0, else no significant difference) and the
+    steps it needs to reach the reference's final held-out loss, as a fraction of the reference's own."""
+    if reference not in runs:
+        return []
+    lines = []
+    for method, rs in runs.items():
+        if method == reference:
+            continue
+        parts, seeds = [], []
+        for key, what, higher in (("score", "score", True), ("answer_loss", "answer loss", False)):
+            a = per_seed(rs, lambda r, k=key: final(r, k))
+            b = per_seed(runs[reference], lambda r, k=key: final(r, k))
+            if set(a) & set(b):
+                d = stats.paired_difference(a, b)
+                seeds = d["seeds"]
+                parts.append(f"held-out {what} {fmt_diff(d)}: **{_judge(d, higher)}**")
+        ratios = steps_to_reference(rs, runs[reference])
+        reached = [v for v in ratios.values() if v is not None]
+        if ratios:
+            when = f"reached in {sum(reached) / len(reached):.2f}x its steps" if reached else "never reached"
+            parts.append(f"`{reference}`'s final held-out loss {when} ({len(reached)}/{len(ratios)} seeds)")
+        if parts:
+            lines.append(
+                f"- **{method}** against `{reference}` (seeds {', '.join(map(str, seeds))}): " + "; ".join(parts)
+            )
+    return lines
+
+
 def held_out_section(runs: Mapping[str, list[Mapping]]) -> list[str]:
     """Per method at its chosen rate: final held-out score and answer loss, and the loss curve's AUC (mean ± CI)."""
     lines = [
@@ -441,6 +501,7 @@ def write_report(
     levels = list(levels) if levels is not None else default_levels(runs, reference)
     sections = [
         (f"# {title}", []),
+        (f"## Verdict against `{reference}` (paired by seed, 95% CI)", verdict_section(runs, reference)),
         ("## Chosen learning rates (validation answer loss (score) per rate, grid seed)", grid_section(records)),
         ("## Held-out results at the chosen rates (mean ± 95% CI over seeds)", held_out_section(runs)),
         (f"## Paired differences against `{reference}` (95% CI; * excludes 0)", paired_section(runs, reference)),
