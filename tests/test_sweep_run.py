@@ -32,9 +32,11 @@ def test_labels_name_a_method_and_its_variant():
 
 
 @pytest.mark.slow
-def test_a_sweep_chooses_rates_pairs_seeds_and_resumes(tmp_path):
+def test_a_sweep_chooses_rates_pairs_seeds_and_resumes(tmp_path, capsys):
     cfg = RunConfig.from_dict(sweep_config(tmp_path))
     report = run_sweep(cfg, progress=False)
+    verdict = "- **lora-one** against `lora` (seeds 0, 1): held-out score "
+    assert verdict in capsys.readouterr().out  # the answer, printed at the end
     results = load_results(cfg.out_dir)
     grid = {name: r for name, r in results.items() if name.startswith("grid/")}
     seeds = {name: r for name, r in results.items() if name.startswith("seeds/")}
@@ -50,7 +52,7 @@ def test_a_sweep_chooses_rates_pairs_seeds_and_resumes(tmp_path):
     assert "eval/align/left_mean" not in lora_one["history"][0] and "align/left_mean" in lora_one["history"][0]
     assert lora_one["init"]["grad_stability"]
     text = report.read_text()
-    assert "Paired differences against `lora`" in text and "| lora-one |" in text
+    assert "Paired differences against `lora`" in text and "| lora-one |" in text and verdict in text
     mtimes = {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")}
     run_sweep(cfg, progress=False)  # finished: nothing is trained again
     assert {p: p.stat().st_mtime for p in cfg.out_dir.glob("*/*/*/result.json")} == mtimes

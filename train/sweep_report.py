@@ -232,6 +232,16 @@ def verdict_section(runs: Mapping[str, list[Mapping]], reference: str) -> list[s
     return lines
 
 
+def verdict(records: Sequence[Mapping], reference: str = "lora") -> list[str]:
+    """``verdict_section`` of the seeds-phase runs among ``records`` (what a finished sweep prints).
+
+    Example:
+        >>> verdict(example_records())[0].split(":")[0]
+        '- **lora-one** against `lora` (seeds 0, 1)'
+    """
+    return verdict_section(_seed_runs(records), reference)
+
+
 def held_out_section(runs: Mapping[str, list[Mapping]]) -> list[str]:
     """Per method at its chosen rate: final held-out score and answer loss, and the loss curve's AUC (mean ± CI)."""
     lines = [

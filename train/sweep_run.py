@@ -39,7 +39,7 @@ from lora_one_train.lock import RunLock
 from lora_one_train.method import GAMMA_EXAMPLES, auto_gamma_adapters, train_method
 from lora_one_train.run import estimate_gradient, gradient_inits, load, load_run_task, prepare_output
 from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
-from lora_one_train.sweep_report import write_report
+from lora_one_train.sweep_report import verdict, write_report
 
 #: The sections a method label's ``+key=value`` may change (the model, data and adapters stay the run's).
 VARIANT_SECTIONS = ("init", "optim")
@@ -283,6 +283,7 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True) -> Path:
                 break
             write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0], results))
         report = write_sweep_report(cfg)
+    print("\n".join(verdict(list(load_results(cfg.out_dir).values()), cfg.sweep.reference)))
     print(f"report: {report}")
     return report
 
