@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -44,11 +45,26 @@ SEARCHES = ("grid", "golden")
 
 class GammaChoice(NamedTuple):
     """What ``choose_gamma`` found: the best ``gamma``, the scored ``losses`` (``{gamma: mean loss}``, every
-    evaluated candidate) and the cost in ``forward_passes`` (one per batch per evaluated candidate)."""
+    evaluated candidate), the cost in ``forward_passes`` (one per batch per evaluated candidate) and the
+    seconds of each pass in the order they ran (``pass_seconds``; the first includes the scoring program's
+    compilation unless it was cached: ``compile_seconds``)."""
 
     gamma: float
     losses: dict[float, float]
     forward_passes: int
+    pass_seconds: tuple[float, ...] = ()
+
+    @property
+    def compile_seconds(self) -> float:
+        """The first pass's time over the median of the others (its compilation; ~0 when it was cached).
+
+        Example:
+            >>> GammaChoice(128.0, {}, 4, (5.0, 1.0, 1.2, 0.9)).compile_seconds
+            4.0
+        """
+        if len(self.pass_seconds) < 2:
+            return 0.0
+        return max(0.0, self.pass_seconds[0] - float(np.median(self.pass_seconds[1:])))
 
 
 def unit_spectral_init(grads: Mapping[str, jax.Array], config: LoraConfig, *, svd: str = "auto", key=None) -> Adapters:
@@ -150,12 +166,19 @@ def choose_gamma(
         unit = unit_spectral_init(grads, config, svd=svd, key=key)
     dtype = jnp.dtype(config.dtype).name
     losses: dict[float, float] = {}
+    seconds: list[float] = []
+
+    def scored(batch, c) -> float:
+        started = time.perf_counter()
+        value = float(_scored(params, unit, batch, c, loss_fn=loss_fn, dtype=dtype))
+        seconds.append(time.perf_counter() - started)
+        return value
 
     def evaluate(i: int) -> float:
         gamma = candidates[i]
         if gamma not in losses:
             c = jnp.float32(1.0 / math.sqrt(gamma))
-            values = [float(_scored(params, unit, batch, c, loss_fn=loss_fn, dtype=dtype)) for batch in batches]
+            values = [scored(batch, c) for batch in batches]
             if any(math.isnan(v) for v in values):
                 raise FloatingPointError(
                     f"the loss at gamma={gamma:g} is NaN on a scoring batch; check the batches, "
@@ -170,4 +193,4 @@ def choose_gamma(
     else:
         _golden_order(len(candidates), evaluate)
     best = min(losses, key=lambda g: (losses[g], g))
-    return GammaChoice(best, dict(sorted(losses.items())), len(losses) * len(batches))
+    return GammaChoice(best, dict(sorted(losses.items())), len(losses) * len(batches), tuple(seconds))

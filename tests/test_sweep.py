@@ -222,14 +222,16 @@ def test_report_states_gamma_autos_cost_in_the_runs_own_training_steps():
     from lora_one_train.sweep_report import gamma_section
 
     history = [{"step": s, "loss": 1.0, "step_seconds": t} for s, t in [(1, 2.0), (2, 2.0), (3, 11.0)]]
-    auto = {"gamma": 256.0, "gamma_auto": {"forward_passes": 6, "seconds": 5.0}}
+    auto = {"gamma": 256.0, "gamma_auto": {"forward_passes": 6, "seconds": 5.0}}  # before compile was logged
     rec = {"method": "lora-one+gamma=auto", "seed": 1, "phase": "seeds", "init": auto, "history": history}
     old = {"method": "lora-one", "seed": 1, "phase": "seeds", "init": {"gamma": 128.0}, "history": []}
-    twin = {**rec, "seed": 2, "init": {**auto, "gamma": 128.0}, "same_as": "seeds/lora-one/lr1.00e-03-seed2"}
+    compiled = {"gamma": 128.0, "gamma_auto": {"forward_passes": 6, "seconds": 9.0, "compile_seconds": 4.0}}
+    twin = {**rec, "seed": 2, "init": compiled, "same_as": "seeds/lora-one/lr1.00e-03-seed2"}
     lines = gamma_section([rec, old, twin])
     assert "| lora-one+gamma=auto | 1 | 256 | 6 | 5.0 | 2.5 | yes |" in lines  # 5 s over the median step of 2 s
     assert "| lora-one | 1 | 128 | - | - | - | yes |" in lines
-    assert "| lora-one+gamma=auto | 2 | 128 | 6 | 5.0 | 2.5 | as `seeds/lora-one/lr1.00e-03-seed2` |" in lines
+    # 9 s of which 4 s compiling: 5 s of scoring, 2.5 steps of 2 s
+    assert "| lora-one+gamma=auto | 2 | 128 | 6 | 9.0 (4.0) | 2.5 | as `seeds/lora-one/lr1.00e-03-seed2` |" in lines
 
 
 def test_report_reads_the_final_held_out_record_first():

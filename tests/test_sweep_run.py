@@ -77,6 +77,7 @@ def test_gamma_auto_through_the_trainer_is_logged_and_used(tmp_path):
     assert first["init/gamma_forward_passes"] == 4 * len(scored)  # 16 examples in batches of 4 per candidate
     # its cost in training steps: the report divides the seconds by the logged seconds per step
     assert first["init/gamma_seconds"] > 0 and [r["step_seconds"] > 0 for r in history if "loss" in r] == [True]
+    assert 0 <= first["init/gamma_compile_seconds"] < first["init/gamma_seconds"]
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ def auto_gamma_adapters(ctx: RunContext, gradient: Gradient):
     losses = {f"init/gamma_loss/{g:g}": value for g, value in choice.losses.items()}
     record = {"init/gamma": choice.gamma, "init/gamma_forward_passes": choice.forward_passes, **losses}
     record["init/gamma_seconds"] = seconds
+    record["init/gamma_compile_seconds"] = choice.compile_seconds  # of those seconds (0 once it is cached)
     return ctx.params, adapters, record
 
 

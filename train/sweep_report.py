@@ -21,7 +21,8 @@ see ``lora_one_train.sweep.Run.result_path``); plain dicts:
         ],
         "init": {                      # optional
             "gamma": 128.0,            # the gamma the run used
-            "gamma_auto": {"losses": {"16.0": 0.93, ...}, "forward_passes": 32, "seconds": 4.1},
+            "gamma_auto": {"losses": {"16.0": 0.93, ...}, "forward_passes": 32, "seconds": 4.1,
+                           "compile_seconds": 1.2},  # of those seconds
             "grad_stability": {"grad_stability/left_mean": 41.0, ...},
         },
     }
@@ -331,24 +332,25 @@ def step_seconds(record: Mapping) -> float | None:
 
 
 def gamma_section(records: Sequence[Mapping]) -> list[str]:
-    """The gamma every seeds-phase run used, and what ``gamma: auto`` cost: forward passes, seconds, and those
-    seconds in the run's own training steps (its median step time); a run not trained because it trains
-    exactly as a finished one (``same_as``) names that run."""
+    """The gamma every seeds-phase run used, and what ``gamma: auto`` cost: forward passes, seconds (of which
+    the scoring program's compilation, paid once per process), and the seconds without compilation in the
+    run's own training steps (its median step time, which leaves the train step's compilation out too); a run
+    not trained because it trains exactly as a finished one (``same_as``) names that run."""
     rows = [r for r in records if r.get("phase") == "seeds" and (r.get("init") or {}).get("gamma") is not None]
     if not rows:
         return []
     lines = [
-        "| method | seed | gamma | auto: forward passes | auto: seconds | auto: training steps | trained |",
+        "| method | seed | gamma | auto: forward passes | auto: seconds (compiling) | auto: training steps | trained |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         auto = r["init"].get("gamma_auto") or {}
-        step = step_seconds(r)
-        steps = auto["seconds"] / step if auto.get("seconds") is not None and step else None
+        step, seconds, compiling = step_seconds(r), auto.get("seconds"), auto.get("compile_seconds")
+        steps = (seconds - (compiling or 0.0)) / step if seconds is not None and step else None
+        spent = _num(seconds, 1) + ("" if compiling is None else f" ({compiling:.1f})")
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['init']['gamma']:g} | {auto.get('forward_passes', '-')} "
-            f"| {_num(auto.get('seconds'), 1)} | {_num(steps, 1)} "
-            f"| {'as `' + r['same_as'] + '`' if r.get('same_as') else 'yes'} |"
+            f"| {spent} | {_num(steps, 1)} | {'as `' + r['same_as'] + '`' if r.get('same_as') else 'yes'} |"
         )
     return lines
 

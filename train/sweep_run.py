@@ -179,6 +179,7 @@ class Sweep:
                 "losses": losses,
                 "forward_passes": chosen["init/gamma_forward_passes"],
                 "seconds": chosen["init/gamma_seconds"],
+                "compile_seconds": chosen["init/gamma_compile_seconds"],
             }
             self.auto_gammas[key] = (float(chosen["init/gamma"]), auto)
         return self.auto_gammas[key]
@@ -248,6 +249,7 @@ def results_of(run: Run, summary: dict) -> dict:
             "losses": losses,
             "forward_passes": first.get("init/gamma_forward_passes"),
             "seconds": first.get("init/gamma_seconds"),
+            "compile_seconds": first.get("init/gamma_compile_seconds"),
         }
     init["grad_stability"] = {k: v for k, v in first.items() if k.startswith("grad_stability/")}
     plain = {k: v for k, v in summary.items() if k not in ("history", "final_state")}
