@@ -440,18 +440,31 @@ def plot_curves(runs: Mapping[str, list[Mapping]], path) -> Path:
     ]
     fig, axes = plt.subplots(1, max(len(present), 1), figsize=(5 * max(len(present), 1), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], present):
+        bands = []
         for method, rs in runs.items():
             hs = [r["history"] for r in rs if stats.eval_curve(r["history"], key)[0].size]
             if not hs:
                 continue
             b = stats.band(hs, key)
+            bands.append(b)
             (line,) = ax.plot(b["step"], b["mean"], marker="o", ms=3, label=f"{method} (n={len(hs)})")
             ax.fill_between(b["step"], b["low"], b["high"], color=line.get_color(), alpha=0.2)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if key == LOSS:  # the step-0 loss is many times the trained ones: zoom on those, say where step 0 is
+            _zoom_past_step_0(ax, bands, title)
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path, plt)
+
+
+def _zoom_past_step_0(ax, bands: Sequence[Mapping], title: str) -> None:
+    """Y limits that fit every curve's mean after step 0 (up to 1.5x), step 0's mean named in the title."""
+    later = [m for b in bands for s, m in zip(b["step"], b["mean"]) if s > 0]
+    first = [m for b in bands for s, m in zip(b["step"], b["mean"]) if s == 0]
+    if later and first and max(first) > 1.5 * max(later):
+        ax.set_ylim(0.0, 1.5 * max(later))
+        ax.set_title(f"{title} (step 0: {max(first):.2f}, above the axis)")
 
 
 def _save(fig, path, plt) -> Path:
