@@ -174,14 +174,7 @@ class Sweep:
             if "lora-one" not in gradient.unit:
                 return None
             _, _, chosen = auto_gamma_adapters(ctx, gradient)
-            losses = {k.removeprefix("init/gamma_loss/"): v for k, v in chosen.items() if "gamma_loss/" in k}
-            auto = {
-                "losses": losses,
-                "forward_passes": chosen["init/gamma_forward_passes"],
-                "seconds": chosen["init/gamma_seconds"],
-                "compile_seconds": chosen["init/gamma_compile_seconds"],
-            }
-            self.auto_gammas[key] = (float(chosen["init/gamma"]), auto)
+            self.auto_gammas[key] = (float(chosen["init/gamma"]), gamma_auto_of(chosen))
         return self.auto_gammas[key]
 
     def twin(self, run: Run, ctx: RunContext, results: Mapping[str, Mapping]) -> tuple[str, dict] | None:
@@ -236,6 +229,24 @@ def record_of(run: Run) -> dict:
     return {"method": run.method, "lr": run.lr, "seed": run.seed, "phase": run.phase, "devices": str(jax.devices())}
 
 
+def gamma_auto_of(record: Mapping) -> dict:
+    """The report's ``gamma_auto`` (scored losses, forward passes, seconds, of which compiling) from the
+    ``init/gamma*`` keys ``init.gamma: auto`` logs at step 0.
+
+    Example:
+        >>> gamma_auto_of({"init/gamma": 128.0, "init/gamma_loss/128": 1.4, "init/gamma_forward_passes": 2})
+        {'losses': {'128': 1.4}, 'forward_passes': 2, 'seconds': None, 'compile_seconds': None}
+    """
+    return {
+        "losses": {
+            k.removeprefix("init/gamma_loss/"): v for k, v in record.items() if k.startswith("init/gamma_loss/")
+        },
+        "forward_passes": record.get("init/gamma_forward_passes"),
+        "seconds": record.get("init/gamma_seconds"),
+        "compile_seconds": record.get("init/gamma_compile_seconds"),
+    }
+
+
 def results_of(run: Run, summary: dict) -> dict:
     """What the report reads from a finished run: its final evaluation (validation or held-out), its history
     and what its init chose."""
@@ -244,13 +255,7 @@ def results_of(run: Run, summary: dict) -> dict:
     first = history[0] if history and history[0]["step"] == 0 else {}
     init = {"gamma": first.get("init/gamma")}
     if "init/gamma" in first:
-        losses = {k.removeprefix("init/gamma_loss/"): v for k, v in first.items() if k.startswith("init/gamma_loss/")}
-        init["gamma_auto"] = {
-            "losses": losses,
-            "forward_passes": first.get("init/gamma_forward_passes"),
-            "seconds": first.get("init/gamma_seconds"),
-            "compile_seconds": first.get("init/gamma_compile_seconds"),
-        }
+        init["gamma_auto"] = gamma_auto_of(first)
     init["grad_stability"] = {k: v for k, v in first.items() if k.startswith("grad_stability/")}
     plain = {k: v for k, v in summary.items() if k not in ("history", "final_state")}
     return {"val" if run.phase == "grid" else "held_out": last, "history": history, "init": init, "summary": plain}
