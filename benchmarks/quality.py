@@ -11,6 +11,11 @@ core: on 2 cores, two processes pinned to one core each made 1.15x the steps of 
 
     taskset -c 0 python benchmarks/quality.py --arms tweets &  taskset -c 1 python benchmarks/quality.py --arms asdiv
 
+and when one arm is done, its core joins the other (``--join``: a second worker on the same sweep; the two
+train different runs)::
+
+    taskset -c 1 python benchmarks/quality.py --arms tweets --join
+
 The protocol is the sweep's (``configs/sweep-tweets.yaml``, ``lora_one_train.sweep``): no logic of its own
 here. Each arm writes ``runs/<arm>/report.md`` (with ``grid.png`` and ``curves.png``); rerunning resumes
 where it stopped. It prints the devices it runs on, and runs unchanged on a GPU or TPU.
@@ -49,6 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="toy model, a few steps (a pipeline check)")
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--join", action="store_true", help="one more worker on each arm's running sweep")
     parser.add_argument("--report", action="store_true", help="write each arm's report from its finished runs")
     args = parser.parse_args(argv)
     for arm in args.arms.split(","):
@@ -59,7 +65,7 @@ def main(argv=None) -> None:
         if args.report:
             print(f"report: {write_sweep_report(cfg)}")
         else:
-            run_sweep(cfg, progress=not args.no_progress)
+            run_sweep(cfg, progress=not args.no_progress, join=args.join)
 
 
 if __name__ == "__main__":

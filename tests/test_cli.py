@@ -282,3 +282,10 @@ def test_a_numeric_name_is_refused_with_how_to_quote_it():
     ):
         load_config("default", ["name=2024"])
     assert load_config("default", ["name='2024'"]).out_dir.name == "2024"
+
+
+def test_join_adds_a_worker_to_a_running_sweep_only(tmp_path, capsys):
+    code, err = run_main(["default", "--join"], capsys)
+    assert code == 2 and "--join adds a worker to a sweep: use it with --sweep" in err
+    code, err = run_main(["sweep-tweets", "--join", "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and f"--join: no sweep is running in {tmp_path}; start it without --join first" in err

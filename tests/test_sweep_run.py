@@ -114,3 +114,80 @@ def test_a_run_that_would_train_as_a_finished_one_reuses_its_result(tmp_path):
     for name, r in reused.items():
         phase = "val" if r["phase"] == "grid" else "held_out"
         assert trained[name][phase] == r[phase]  # what training gives, exactly
+
+
+def test_a_worker_takes_the_first_run_no_other_worker_holds(tmp_path):
+    from lora_one_train.lock import RunLock
+    from lora_one_train.sweep import Run
+    from lora_one_train.sweep_run import train_one
+
+    class Runner:  # what train_one needs of a Sweep: its folder, and a run trained into a record
+        cfg = RunConfig.from_dict(tiny_config(tmp_path))
+        trained: list = []
+
+        def train(self, run, results):
+            self.trained.append(run.name)
+            return {"method": run.method}
+
+    runner, root = Runner(), Runner.cfg.out_dir
+    todo = [Run("lora", 1e-3, 0, "grid"), Run("lora", 1e-2, 0, "grid")]
+    with RunLock(todo[0].folder(root)):  # another worker trains the first
+        assert train_one(runner, todo, {}) is True
+        assert runner.trained == [todo[1].name] and todo[1].result_path(root).is_file()
+        assert not (todo[1].folder(root) / ".lock").exists()  # released once its result is written
+        assert train_one(runner, todo[:1], {}) is False  # every run left is held: wait
+    todo[0].result_path(root).write_text("{}")  # the other worker finished it while this one waited
+    assert train_one(runner, todo[:1], {}) is True and runner.trained == [todo[1].name]
+
+
+def test_joining_needs_a_running_sweep_with_the_same_config(tmp_path):
+    from lora_one_train.errors import UserError
+    from lora_one_train.lock import RunLock
+    from lora_one_train.sweep_run import check_joinable, write_sweep_record
+
+    cfg = RunConfig.from_dict(sweep_config(tmp_path))
+    with pytest.raises(UserError, match="no sweep is running in .*start it without --join first"):
+        check_joinable(cfg)
+    with RunLock(cfg.out_dir):  # the sweep's first worker
+        write_sweep_record(cfg)
+        check_joinable(cfg)  # same config: joins
+        other = sweep_config(tmp_path)
+        other["sweep"]["seeds"] = [0, 1, 2]
+        with pytest.raises(UserError, match=r"has another config \(sweep.seeds: \[0, 1\] -> \[0, 1, 2\]\)"):
+            check_joinable(RunConfig.from_dict(other))
+    with pytest.raises(UserError, match="no sweep is running"):  # its first worker has ended
+        check_joinable(cfg)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_sweep_and_train_each_run_once(tmp_path, monkeypatch):
+    """A sweep and a worker that joins it (threads here; processes in use): every run trained by one of them,
+    the plan's later runs (seeds at the chosen rates) found by both, the report written by the first."""
+    import threading
+    import time
+
+    from lora_one_train import sweep_run
+
+    monkeypatch.setattr(sweep_run, "WAIT_SECONDS", 0.1)
+    trained, train = [], sweep_run.Sweep.train
+
+    def counted(self, run, results=None):
+        trained.append((threading.current_thread().name, run.name))
+        return train(self, run, results)
+
+    monkeypatch.setattr(sweep_run.Sweep, "train", counted)
+    cfg = RunConfig.from_dict(sweep_config(tmp_path, **{"eval.diagnostics": False}))
+    reports = {}
+    first = threading.Thread(target=lambda: reports.update(first=run_sweep(cfg, progress=False)), name="first")
+    first.start()
+    while not (cfg.out_dir / sweep_run.SWEEP_RECORD).is_file():
+        time.sleep(0.05)
+    reports["joined"] = run_sweep(cfg, progress=False, join=True)
+    first.join()
+    results = load_results(cfg.out_dir)
+    names = [name for _, name in trained]
+    assert sorted(names) == sorted(results) and len(set(names)) == len(names)  # each run once
+    assert sum(name.startswith("seeds/") for name in names) == 4
+    assert {worker for worker, _ in trained} == {"first", "MainThread"}  # both had work (10 runs)
+    assert reports["joined"] is None and reports["first"].is_file()
+    assert not list(cfg.out_dir.rglob(".lock"))

@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep", action="store_true", help="a fair comparison: learning-rate grid, seeds, report (section `sweep`)"
     )
+    parser.add_argument(
+        "--join",
+        action="store_true",
+        help="with --sweep: one more worker on the sweep running in the same folder (same config): workers train "
+        "different runs",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (also LORA_ONE_PROGRESS=0)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a user error")
@@ -132,13 +138,15 @@ def train(args: argparse.Namespace) -> None:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
+    if args.join and not cfg.sweep.enabled:
+        raise UserError("--join adds a worker to a sweep: use it with --sweep (or a config whose sweep is enabled)")
     from lora_one_train.mesh import setup_distributed
 
     setup_distributed(cfg)
     if cfg.sweep.enabled:
         from lora_one_train.sweep_run import run_sweep
 
-        run_sweep(cfg, progress=not args.no_progress)
+        run_sweep(cfg, progress=not args.no_progress, join=args.join)
         return
     from lora_one_train.run import run
 

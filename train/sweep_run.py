@@ -22,9 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,15 +34,19 @@ import jax
 
 from lora_one_jax.eval import Evaluator
 from lora_one_train import errors
-from lora_one_train.config import ConfigError, RunConfig, merge, parse_yaml
+from lora_one_train.config import ConfigError, RunConfig, config_differences, merge, parse_yaml
 from lora_one_train.context import RunContext
 from lora_one_train.exports import is_main_process
-from lora_one_train.lock import RunLock
+from lora_one_train.lock import LOCK_NAME, RunLock, read_lock
 from lora_one_train.method import GAMMA_EXAMPLES, auto_gamma_adapters, train_method
 from lora_one_train.run import estimate_gradient, gradient_inits, load, load_run_task, prepare_output
 from lora_one_train.sweep import DEFAULT_GRID, MIN_VALIDATION, Run, carve_validation, load_results, plan
 from lora_one_train.sweep_report import verdict, write_report
 
+#: The sweep's record in its folder (config, processes): a worker that joins must match it (``run_sweep(join=True)``).
+SWEEP_RECORD = "sweep.json"
+#: Seconds a worker waits before it looks again when every run left is being trained by other workers.
+WAIT_SECONDS = 15.0
 #: The sections a method label's ``+key=value`` may change (the model, data and adapters stay the run's).
 VARIANT_SECTIONS = ("init", "optim")
 
@@ -270,29 +276,109 @@ def write_result(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_sweep(cfg: RunConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) the sweep of ``cfg`` (see module doc); returns the report's path."""
+def run_sweep(cfg: RunConfig, *, progress: bool = True, join: bool = False) -> Path | None:
+    """Run (or resume) the sweep of ``cfg`` (see module doc); returns the report's path.
+
+    ``join=True`` (``--join``): one more worker on the sweep already running in ``cfg``'s folder, with the same
+    config (one process each; e.g. one per core or per GPU). Each run is locked while a worker trains it, so
+    workers take different runs; a worker waits while every run left is another's (they decide what comes
+    next). The sweep's first worker writes the report; a joined one returns ``None``.
+    """
     sweep = cfg.sweep
     labels = list(sweep.methods or cfg.methods)
     grid = sweep.grid or DEFAULT_GRID
-    with RunLock(cfg.out_dir, enabled=is_main_process()):
+    if join:
+        check_joinable(cfg)
+    with contextlib.nullcontext() if join else RunLock(cfg.out_dir, enabled=is_main_process()):
+        if not join:
+            write_sweep_record(cfg)
         runner = Sweep(cfg, progress=progress)
         if sweep.val_size < MIN_VALIDATION:
             print(
                 f"sweep: warning: {sweep.val_size} validation examples make the choice of rate noisy (>= 300 advised)"
             )
         print(f"sweep: {labels} over {list(grid)}, seeds {list(sweep.seeds)}, on {jax.devices()}")
+        waiting = ()
         while True:
+            if join:
+                check_joinable(cfg)  # its first worker was restarted with another config: stop
             results = load_results(cfg.out_dir)
             runs = plan(labels, results, grid=grid, seeds=sweep.seeds, grid_seed=sweep.grid_seed)
             todo = [r for r in runs if r.name not in results]
             if not todo:
                 break
-            write_result(todo[0].result_path(cfg.out_dir), runner.train(todo[0], results))
+            if train_one(runner, todo, results):
+                waiting = ()
+            else:  # every run left is being trained by another worker
+                if waiting != tuple(todo):
+                    print(f"sweep: waiting for other workers ({', '.join(r.name for r in todo)})")
+                    waiting = tuple(todo)
+                time.sleep(WAIT_SECONDS)
+        if join:
+            print(f"sweep: nothing left to train; the report is written by the sweep's first worker in {cfg.out_dir}")
+            return None
         report = write_sweep_report(cfg)
     print("\n".join(verdict(list(load_results(cfg.out_dir).values()), cfg.sweep.reference)))
     print(f"report: {report}")
     return report
+
+
+def train_one(runner: Sweep, todo: list[Run], results: Mapping[str, Mapping]) -> bool:
+    """Train the first run of ``todo`` that no other worker holds, locked while it trains; ``False`` when
+    every one is held."""
+    root = runner.cfg.out_dir
+    for run in todo:
+        lock = RunLock(run.folder(root), enabled=is_main_process())
+        try:
+            lock.acquire()
+        except errors.LockError:
+            continue
+        try:
+            if not run.result_path(root).exists():  # not finished by another worker since ``results`` was read
+                write_result(run.result_path(root), runner.train(run, results))
+        finally:
+            lock.release()
+        return True
+    return False
+
+
+def sweep_record(cfg: RunConfig) -> dict:
+    """What ``sweep.json`` holds: the sweep's config (without its folder) and its process count."""
+    values = json.loads(json.dumps(cfg.to_dict()))
+    values.pop("output_dir", None)
+    return {"config": values, "processes": jax.process_count()}
+
+
+def write_sweep_record(cfg: RunConfig) -> None:
+    """``sweep.json`` in the sweep's folder: what a worker that joins must match (written by the first)."""
+    if is_main_process():
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        write_result(cfg.out_dir / SWEEP_RECORD, sweep_record(cfg))
+
+
+def check_joinable(cfg: RunConfig) -> None:
+    """Refuse to join a sweep that is not running, runs on several processes or has another config.
+
+    Example:
+        >>> import tempfile
+        >>> from lora_one_train.config import load_config
+        >>> check_joinable(load_config("sweep-tweets", [f"output_dir={tempfile.mkdtemp()}"]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        lora_one_train.errors.UserError: --join: no sweep is running in ...; start it without --join first
+    """
+    holder = read_lock(cfg.out_dir / LOCK_NAME)
+    path = cfg.out_dir / SWEEP_RECORD
+    if holder is None or not holder.alive() or not path.is_file():
+        raise errors.UserError(f"--join: no sweep is running in {cfg.out_dir}; start it without --join first")
+    recorded, mine = json.loads(path.read_text()), sweep_record(cfg)
+    if max(recorded["processes"], mine["processes"]) > 1:
+        raise errors.UserError("--join: the workers of a sweep are single processes; a multi-process sweep runs alone")
+    differences = config_differences(recorded["config"], mine["config"])
+    if differences:
+        raise errors.UserError(
+            f"--join: the sweep running in {cfg.out_dir} has another config ({'; '.join(differences)}); "
+            "join with the same config and overrides"
+        )
 
 
 def write_sweep_report(cfg: RunConfig) -> Path:
