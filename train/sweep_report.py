@@ -203,6 +203,22 @@ def steps_to_reference(runs: Sequence[Mapping], reference: Sequence[Mapping]) ->
     return out
 
 
+def paired_diff(runs: Sequence[Mapping], baseline: Sequence[Mapping], get) -> dict | None:
+    """``stats.paired_difference`` of ``get(run)`` between two methods' runs, paired by seed (``None`` when they
+    share no seed).
+
+    Example:
+        >>> a = [{"seed": 0, "x": 0.7}, {"seed": 1, "x": 0.72}]
+        >>> b = [{"seed": 0, "x": 0.6}, {"seed": 1, "x": 0.61}, {"seed": 2, "x": 0.5}]
+        >>> d = paired_diff(a, b, lambda r: r["x"]); round(d["mean"], 3), d["seeds"]
+        (0.105, [0, 1])
+        >>> paired_diff(a, b[2:], lambda r: r["x"]) is None
+        True
+    """
+    x, y = per_seed(runs, get), per_seed(baseline, get)
+    return stats.paired_difference(x, y) if set(x) & set(y) else None
+
+
 def verdict_section(runs: Mapping[str, list[Mapping]], reference: str) -> list[str]:
     """The answer, one line per method against ``reference``, paired by seed: its final held-out score and answer
     loss (better / worse where the 95% CI of the difference excludes 0, else no significant difference) and the
@@ -215,10 +231,8 @@ def verdict_section(runs: Mapping[str, list[Mapping]], reference: str) -> list[s
             continue
         parts, seeds = [], []
         for key, what, higher in (("score", "score", True), ("answer_loss", "answer loss", False)):
-            a = per_seed(rs, lambda r, k=key: final(r, k))
-            b = per_seed(runs[reference], lambda r, k=key: final(r, k))
-            if set(a) & set(b):
-                d = stats.paired_difference(a, b)
+            d = paired_diff(rs, runs[reference], lambda r, k=key: final(r, k))
+            if d is not None:
                 seeds = d["seeds"]
                 parts.append(f"held-out {what} {fmt_diff(d)}: **{_judge(d, higher)}**")
         ratios = steps_to_reference(rs, runs[reference])
@@ -281,8 +295,7 @@ def paired_section(runs: Mapping[str, list[Mapping]], reference: str, pairs=None
             continue
         cells, seeds = [], []
         for get in getters:
-            a, b = per_seed(runs[method], get), per_seed(runs[base], get)
-            d = stats.paired_difference(a, b) if set(a) & set(b) else None
+            d = paired_diff(runs[method], runs[base], get)
             seeds = d["seeds"] if d else seeds
             cells.append(fmt_diff(d))
         lines.append(f"| {method} | {base} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
