@@ -191,3 +191,17 @@ def test_two_workers_share_a_sweep_and_train_each_run_once(tmp_path, monkeypatch
     assert {worker for worker, _ in trained} == {"first", "MainThread"}  # both had work (10 runs)
     assert reports["joined"] is None and reports["first"].is_file()
     assert not list(cfg.out_dir.rglob(".lock"))
+
+    # a joined worker waiting for the first worker's last run ends cleanly when the first one ends
+    from lora_one_train.lock import RunLock
+
+    last = cfg.out_dir / names[-1] / "result.json"
+    saved = last.read_text()
+    last.unlink()
+    with RunLock(cfg.out_dir), RunLock(last.parent):  # the first worker, training the last run
+        joined = threading.Thread(target=lambda: reports.update(late=run_sweep(cfg, progress=False, join=True)))
+        joined.start()
+        time.sleep(1.0)
+        last.write_text(saved)
+    joined.join()
+    assert reports["late"] is None and len(trained) == len(names)  # it trained nothing

@@ -300,13 +300,13 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True, join: bool = False) -> P
         print(f"sweep: {labels} over {list(grid)}, seeds {list(sweep.seeds)}, on {jax.devices()}")
         waiting = ()
         while True:
-            if join:
-                check_joinable(cfg)  # its first worker was restarted with another config: stop
             results = load_results(cfg.out_dir)
             runs = plan(labels, results, grid=grid, seeds=sweep.seeds, grid_seed=sweep.grid_seed)
             todo = [r for r in runs if r.name not in results]
             if not todo:
                 break
+            if join:  # the first worker restarted with another config: stop (a pause of it is fine)
+                check_joinable(cfg, running=False)
             if train_one(runner, todo, results):
                 waiting = ()
             else:  # every run left is being trained by another worker
@@ -315,7 +315,7 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True, join: bool = False) -> P
                     waiting = tuple(todo)
                 time.sleep(WAIT_SECONDS)
         if join:
-            print(f"sweep: nothing left to train; the report is written by the sweep's first worker in {cfg.out_dir}")
+            print(f"sweep: nothing left to train; the sweep's first worker writes the report in {cfg.out_dir}")
             return None
         report = write_sweep_report(cfg)
     print("\n".join(verdict(list(load_results(cfg.out_dir).values()), cfg.sweep.reference)))
@@ -356,8 +356,9 @@ def write_sweep_record(cfg: RunConfig) -> None:
         write_result(cfg.out_dir / SWEEP_RECORD, sweep_record(cfg))
 
 
-def check_joinable(cfg: RunConfig) -> None:
-    """Refuse to join a sweep that is not running, runs on several processes or has another config.
+def check_joinable(cfg: RunConfig, *, running: bool = True) -> None:
+    """Refuse to join a sweep that is not running (checked where ``running``), runs on several processes or
+    has another config.
 
     Example:
         >>> import tempfile
@@ -368,7 +369,7 @@ def check_joinable(cfg: RunConfig) -> None:
     """
     holder = read_lock(cfg.out_dir / LOCK_NAME)
     path = cfg.out_dir / SWEEP_RECORD
-    if holder is None or not holder.alive() or not path.is_file():
+    if (running and (holder is None or not holder.alive())) or not path.is_file():
         raise errors.UserError(f"--join: no sweep is running in {cfg.out_dir}; start it without --join first")
     recorded, mine = json.loads(path.read_text()), sweep_record(cfg)
     if max(recorded["processes"], mine["processes"]) > 1:
