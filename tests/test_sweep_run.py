@@ -139,6 +139,13 @@ def test_a_worker_takes_the_first_run_no_other_worker_holds(tmp_path):
     todo[0].result_path(root).write_text("{}")  # the other worker finished it while this one waited
     assert train_one(runner, todo[:1], {}) is True and runner.trained == [todo[1].name]
 
+    # a run that may train exactly as a held run of its slot (gamma: auto beside lora-one) waits for it
+    slot = [Run("lora-one", 1e-3, 0, "seeds"), Run("lora-one+gamma=auto", 1e-3, 0, "seeds")]
+    with RunLock(slot[0].folder(root)):
+        assert train_one(runner, slot, {}) is False
+        assert train_one(runner, [*slot, Run("lora-one+gamma=auto", 1e-3, 1, "seeds")], {}) is True
+    assert runner.trained[-1] == "seeds/lora-one+gamma=auto/lr1.00e-03-seed1"
+
 
 def test_joining_needs_a_running_sweep_with_the_same_config(tmp_path):
     from lora_one_train.errors import UserError

@@ -186,13 +186,7 @@ class Sweep:
     def twin(self, run: Run, ctx: RunContext, results: Mapping[str, Mapping]) -> tuple[str, dict] | None:
         """``(name, init record)`` of a finished run that trains exactly as ``run`` would (see ``twin_config``),
         or ``None``. Only a run with ``init.gamma: auto`` (or one beside such a run) can have one."""
-        same_slot = {
-            name: r
-            for name, r in results.items()
-            if (r.get("lr"), r.get("seed"), r.get("phase")) == (run.lr, run.seed, run.phase)
-            and r.get("method") != run.method
-            and split_label(r["method"])[0] == split_label(run.method)[0]
-        }
+        same_slot = {name: r for name, r in results.items() if in_one_slot(run, run_of(r))}
         if not same_slot:
             return None
         init: dict = {"gamma": twin_config(self.cfg, run)["init"]["gamma"]}
@@ -203,8 +197,7 @@ class Sweep:
             init = {"gamma": chosen[0], "gamma_auto": chosen[1]}
         mine = twin_config(self.cfg, run, init["gamma"])
         for name, r in same_slot.items():
-            theirs = Run(r["method"], r["lr"], r["seed"], r["phase"])
-            if twin_config(self.cfg, theirs, (r.get("init") or {}).get("gamma")) == mine:
+            if twin_config(self.cfg, run_of(r), (r.get("init") or {}).get("gamma")) == mine:
                 return name, init
         return None
 
@@ -229,6 +222,29 @@ class Sweep:
             print(f"{run.name} diverged: {e}")
             return {**record_of(run), "diverged": True, "error": str(e)}
         return {**record_of(run), **results_of(run, summary)}
+
+
+def in_one_slot(run: Run, other: Run) -> bool:
+    """Whether ``run`` and ``other`` are two labels of one method (e.g. ``lora-one`` and
+    ``lora-one+gamma=auto``) at the same rate, seed and phase: the only runs that can train exactly alike
+    (see ``Sweep.twin``).
+
+    Example:
+        >>> in_one_slot(Run("lora-one+gamma=auto", 1e-3, 0, "seeds"), Run("lora-one", 1e-3, 0, "seeds"))
+        True
+        >>> in_one_slot(Run("lora-one+gamma=auto", 1e-3, 0, "seeds"), Run("lora-one", 1e-3, 1, "seeds"))
+        False
+    """
+    return (
+        run.method != other.method
+        and (run.lr, run.seed, run.phase) == (other.lr, other.seed, other.phase)
+        and split_label(run.method)[0] == split_label(other.method)[0]
+    )
+
+
+def run_of(record: Mapping) -> Run:
+    """The run a result record (``record_of``) belongs to."""
+    return Run(record["method"], record["lr"], record["seed"], record["phase"])
 
 
 def record_of(run: Run) -> dict:
@@ -325,13 +341,17 @@ def run_sweep(cfg: RunConfig, *, progress: bool = True, join: bool = False) -> P
 
 def train_one(runner: Sweep, todo: list[Run], results: Mapping[str, Mapping]) -> bool:
     """Train the first run of ``todo`` that no other worker holds, locked while it trains; ``False`` when
-    every one is held."""
-    root = runner.cfg.out_dir
+    every one is held. A run waits while an earlier run of its slot (``in_one_slot``) is held: it may train
+    exactly as that one, and then takes its result instead of training (``Sweep.twin``)."""
+    root, held = runner.cfg.out_dir, []
     for run in todo:
+        if any(in_one_slot(run, other) for other in held):
+            continue
         lock = RunLock(run.folder(root), enabled=is_main_process())
         try:
             lock.acquire()
         except errors.LockError:
+            held.append(run)
             continue
         try:
             if not run.result_path(root).exists():  # not finished by another worker since ``results`` was read
