@@ -387,9 +387,9 @@ def check_joinable(cfg: RunConfig, *, running: bool = True) -> None:
         Traceback (most recent call last):
         lora_one_train.errors.UserError: --join: no sweep is running in ...; start it without --join first
     """
-    holder = read_lock(cfg.out_dir / LOCK_NAME)
     path = cfg.out_dir / SWEEP_RECORD
-    if (running and (holder is None or not holder.alive())) or not path.is_file():
+    holder = read_lock(cfg.out_dir / LOCK_NAME) if running else None
+    if not path.is_file() or (running and (holder is None or not holder.alive())):
         raise errors.UserError(f"--join: no sweep is running in {cfg.out_dir}; start it without --join first")
     recorded, mine = json.loads(path.read_text()), sweep_record(cfg)
     if max(recorded["processes"], mine["processes"]) > 1:
